@@ -141,18 +141,58 @@ def save_checkpoint(engine, ckpt_dir: Path, *, client_state: dict[str, Any], met
     """Collective: a resumable DeepSpeed checkpoint plus an exported model, on every rank with the same tag.
 
     DeepSpeed's save has barriers inside: it hangs if called on rank 0 only. BN buffers are averaged first, since
-    the checkpoint holds rank 0's copy and every rank gets that copy back on resume.
+    the checkpoint holds rank 0's copy and every rank gets that copy back on resume. `latest` is written by us,
+    atomically and only after every file is complete, so a crash or a full disk mid-save leaves the previous
+    checkpoint as the one a restart resumes from.
     """
     dist.average_buffers(engine.module)
     tag = f"step{engine.global_steps:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if dist.is_main_process():
+            save_model(engine.module, ckpt_dir / tag, meta)
+    except OSError as e:
+        # The launcher stops the other ranks when this one exits non-zero.
+        if dist.is_main_process():
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        previous = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
+        raise SystemExit(
+            f"{ckpt_dir / tag}: checkpoint could not be written ({e.strerror or e}); the previous checkpoint "
+            f"({previous}) is intact and a restart resumes from it"
+        ) from None
+    dist.barrier()  # every rank's files are complete
     if dist.is_main_process():
-        save_model(engine.module, ckpt_dir / tag, meta)
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - max(1, keep))]:
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        tmp.replace(ckpt_dir / "latest")
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name != tag)
+        for old in tags[: max(0, len(tags) - max(0, keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, world_size: int) -> tuple[str, dict[str, Any]]:
+    """Collective: resume weights, optimizer, step and client state from `ckpt_dir/latest`.
+
+    ZeRO 1/2 shard the optimizer state by rank, so a checkpoint written by N ranks cannot restore Adam's moments
+    on M != N ranks; then the weights, the step and the schedule are resumed and the optimizer state restarts
+    (said in the log). Stage 0 keeps the whole optimizer state in one file and resumes on any number of ranks.
+    """
+    tag = (ckpt_dir / "latest").read_text().strip()
+    shards = len(list((ckpt_dir / tag).glob("zero_pp_rank_*_optim_states.pt")))
+    same_world = shards in (0, world_size)
+    if not same_world:
+        log.warning(
+            f"{ckpt_dir / tag}: written by {shards} ranks with a sharded (ZeRO) optimizer state, resumed on "
+            f"{world_size}: weights, step and lr schedule are restored, Adam's moments restart from zero"
+        )
+    path, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=same_world, load_lr_scheduler_states=same_world
+    )
+    if path is None:
+        raise SystemExit(f"{ckpt_dir / tag}: checkpoint named by {ckpt_dir / 'latest'} cannot be loaded")
+    return path, client
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
@@ -181,9 +221,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     # Resume: every rank loads the same tag; per-rank data state was gathered into rank 0's client_state.
     state: dict[str, Any] = {"epoch": 0, "best_miou": None, "wandb_id": None, "data": None}
     if cfg.run.resume and (ckpt_dir / "latest").is_file():
-        path, client = engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise SystemExit(f"{ckpt_dir}/latest: names a checkpoint that cannot be loaded")
+        path, client = load_checkpoint(engine, ckpt_dir, world_size)
         state.update({k: client[k] for k in state if k in client})
         data_states = state["data"] or []
         if len(data_states) != world_size:
