@@ -151,14 +151,17 @@ def save_checkpoint(engine, ckpt_dir: Path, *, client_state: dict[str, Any], met
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         if dist.is_main_process():
             save_model(engine.module, ckpt_dir / tag, meta)
-    except OSError as e:
-        # The launcher stops the other ranks when this one exits non-zero.
+    except (OSError, RuntimeError) as e:
+        # A full disk or quota is an OSError from Python's writes but a RuntimeError from torch.save's zip writer
+        # ("unexpected pos ..."), the one DeepSpeed uses (seen in tests/test_faults.py). The launcher stops the
+        # other ranks when this one exits non-zero.
         if dist.is_main_process():
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         previous = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
         raise SystemExit(
-            f"{ckpt_dir / tag}: checkpoint could not be written ({e.strerror or e}); the previous checkpoint "
-            f"({previous}) is intact and a restart resumes from it"
+            f"{ckpt_dir / tag}: checkpoint could not be written ({reason or type(e).__name__}); the previous "
+            f"checkpoint ({previous}) is intact and a restart resumes from it"
         ) from None
     dist.barrier()  # every rank's files are complete
     if dist.is_main_process():
@@ -326,6 +329,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             # SIGTERM anywhere, so no rank is left waiting in the next all-reduce.
             flags = dist.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(preempt.requested)]))
             if flags[0] > 0:
+                bar.close()
+                tracker.close()
                 raise SystemExit(
                     f"step {step}: the loss became {loss.item()} (non-finite on some rank); stopping. The last good "
                     f"checkpoint is kept in {ckpt_dir} (lower optim.lr or set optim.grad_clip)"

@@ -139,8 +139,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_dir, tmp_path):
     deadline = time.time() + 300
     while max(train_losses(run), default=0) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())]
-    assert len(ranks) == 2
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert len(ranks) == 2, [p.cmdline() for p in ranks]
     for p in ranks:  # as SLURM does on preemption: every task gets SIGTERM
         p.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -194,7 +194,7 @@ def test_two_ranks_equal_one_rank_with_gradient_accumulation(tmp_path):
         a, b = torch.load(two), torch.load(one)
         assert a["final"].keys() == b["final"].keys()
         # the steps must have moved the weights, or equality would prove nothing
-        assert not torch.equal(a["final"]["classifier.weight"], a["init"]["classifier.weight"])
+        assert not any(torch.equal(a["final"][k], a["init"][k]) for k in a["init"])
         a, b = a["final"], b["final"]
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"stage {stage}: {k}")
