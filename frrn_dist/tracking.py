@@ -91,7 +91,11 @@ class Tracker:
             run.define_metric("train/*", step_metric="train/step")
             run.define_metric("val/epoch")
             run.define_metric("val/*", step_metric="val/epoch")
-            where = f"offline in {run.dir}, upload with `wandb sync {Path(run.dir).parent}`" if mode == "offline" else run.url
+            where = (
+                f"offline in {run.dir}, upload with `wandb sync {Path(run.dir).parent}`"
+                if mode == "offline"
+                else run.url
+            )
             log.info(f"wandb run {self.run_id} ({mode}): {where}")
             return run
         except Exception as e:  # noqa: BLE001 - wandb must never stop training
@@ -124,8 +128,14 @@ class Tracker:
             return
         class_iou = {k: (None if v is None or math.isnan(v) else v) for k, v in results["class_iou"].items()}
         self._append(
-            {"kind": "val", "step": step, "epoch": epoch, "miou": results["miou"], "loss": results["loss"],
-             "class_iou": class_iou}
+            {
+                "kind": "val",
+                "step": step,
+                "epoch": epoch,
+                "miou": results["miou"],
+                "loss": results["loss"],
+                "class_iou": class_iou,
+            }
         )
         pictures = []
         for i, (image, pred, label, key) in enumerate(samples):
@@ -163,4 +173,3 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 log.warning(f"wandb finish failed: {e}")
             self.run = None
-

@@ -48,7 +48,7 @@ def lr_at(
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -168,7 +168,12 @@ def save_checkpoint(engine, ckpt_dir: Path, *, client_state: dict[str, Any], met
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         tmp.replace(ckpt_dir / "latest")
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name != tag)
+        # only complete checkpoints (model.json is written last) at or below this one count towards `keep`; a
+        # partial tag left by a crash is removed, so it never outlives a good checkpoint
+        for p in ckpt_dir.glob("step*"):
+            if p.is_dir() and not (p / "model.json").is_file():
+                shutil.rmtree(p, ignore_errors=True)
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name < tag)
         for old in tags[: max(0, len(tags) - max(0, keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -230,7 +235,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         if len(data_states) != world_size:
             log.warning(
                 f"checkpoint was written by {len(data_states)} rank(s), now {world_size}: data order restarts "
-                "from the checkpoint's epoch (weights and optimizer state are resumed)"
+                "from the checkpoint's epoch"
             )
             state["data"] = None
         log.info(f"resumed from {path} at step {engine.global_steps}, epoch {state['epoch']}")

@@ -13,8 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from frrn_dist.config import parse_args  # noqa: E402
+from frrn_dist.data.loaders import LoaderError, RecipeError, ShardError  # noqa: E402
 from frrn_dist.train import main  # noqa: E402
 
 if __name__ == "__main__":
     _, cfg = parse_args(description=__doc__)
-    main(cfg)
+    try:
+        main(cfg)
+    except (LoaderError, RecipeError, ShardError) as e:  # bad data: one line naming the file, not a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -113,8 +113,14 @@ def test_resume_continues_with_the_same_losses(uninterrupted, shard_dir, tmp_pat
 
 def test_sigkill_mid_training_loses_nothing_before_the_last_checkpoint(uninterrupted, shard_dir, tmp_path):
     overrides = tiny(shard_dir, tmp_path, "killed", "train.max_steps=8", "train.save_every_steps=2")
-    proc = subprocess.Popen(train_cmd(overrides, 2), env=_env(), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(overrides, 2),
+        env=_env(),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run = tmp_path / "killed"
     deadline = time.time() + 300
     while max(train_losses(run), default=0) < 5 and proc.poll() is None and time.time() < deadline:
@@ -133,8 +139,9 @@ def test_sigkill_mid_training_loses_nothing_before_the_last_checkpoint(uninterru
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_dir, tmp_path):
     overrides = tiny(shard_dir, tmp_path, "preempted", "train.max_steps=1000", "train.save_every_steps=1000")
-    proc = subprocess.Popen(train_cmd(overrides, 2), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(overrides, 2), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     run = tmp_path / "preempted"
     deadline = time.time() + 300
     while max(train_losses(run), default=0) < 2 and time.time() < deadline:
@@ -152,8 +159,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_dir, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shard_dir, tmp_path):
     # lr 1e30 blows the weights up at the first update after the checkpoint at step 1
-    overrides = tiny(shard_dir, tmp_path, "nan", "train.max_steps=20", "train.save_every_steps=1",
-                     "optim.lr=1e30", "optim.warmup_steps=2")
+    overrides = tiny(
+        shard_dir,
+        tmp_path,
+        "nan",
+        "train.max_steps=20",
+        "train.save_every_steps=1",
+        "optim.lr=1e30",
+        "optim.warmup_steps=2",
+    )
     proc = subprocess.run(train_cmd(overrides, 1), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert proc.returncode != 0
     assert "non-finite" in proc.stderr.strip().splitlines()[-1]
@@ -188,8 +202,9 @@ def test_two_ranks_equal_one_rank_with_gradient_accumulation(tmp_path):
             [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(_port()), script, str(two)],
             [sys.executable, script, str(one)],
         ):
-            proc = subprocess.run([*cmd, "--zero-stage", str(stage)], capture_output=True, text=True, env=_env(),
-                                  cwd=ROOT, timeout=300)
+            proc = subprocess.run(
+                [*cmd, "--zero-stage", str(stage)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300
+            )
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         a, b = torch.load(two), torch.load(one)
         assert a["final"].keys() == b["final"].keys()

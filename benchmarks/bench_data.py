@@ -1,0 +1,183 @@
+"""Decode + augment throughput of the data loaders on full-resolution frames, per CPU core.
+
+    python benchmarks/bench_data.py [--frames 16] [--hw 1024x2048] [--epochs 2] [--keep DIR]
+
+Makes full-resolution synthetic Cityscapes frames (frrn_dist.synthetic), packs them as JPEG q95 shards (and as
+lossless-PNG shards; frrn_dist.shards), then, in this one process and one after the other, runs the `paper`
+recipe at 256x512 (whole frame, anti-aliased Lanczos /4, majority-vote labels, translation +-30 px, gamma) with:
+
+  dali-cpu        build_loader(backend="dali") over the JPEG shards, DALI CPU decoder, num_threads=1
+  dali-cpu (png)  the same over the PNG shards (what the JPEG transcode buys)
+  fallback        build_loader(backend="torch") over the JPEG shards, in-process (PIL + the same torch recipe)
+  png-baseline    what existing FRRN ports do: PIL reads the leftImg8bit / gtFine PNG folders, labelIds -> trainIds
+                  by a LUT, PIL Lanczos, the authors' numpy histogram vote, np.pad reflect, np.power gamma
+
+Every backend runs on one core (DALI with one worker thread, torch and BLAS with one thread), so images per
+CPU-second (user + system time of this process, all its threads) is the per-core figure; wall-clock images/s is
+printed beside it (other users of the machine show up there, and in the load average). The GPU-decode path
+(device="mixed", nvJPEG) cannot run here and is printed as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from frrn_dist.data.labels import ID_TO_TRAIN, IGNORE_INDEX
+from frrn_dist.data.loaders import build_loader
+from frrn_dist.data.recipes import gamma_exponent, majority_vote
+from frrn_dist.shards import pack
+from frrn_dist.synthetic import make_dataset, parse_hw
+
+TARGET_RATIO = 2.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the PNG-folder baseline: one frame at a time, PIL + numpy
+
+
+def baseline_vote(label: np.ndarray, f: int) -> np.ndarray:
+    """Majority vote the way the authors' Python port did it (ORIG-2016 cityscapesutil.downscale_labels: a
+    per-cell class histogram filled by fancy indexing, one pass per cell offset), with CHIANTI's threshold."""
+    h, w = label.shape[0] // f, label.shape[1] // f
+    bins = np.where(label == IGNORE_INDEX, 19, label)  # void is bin 19 and counts like a class
+    counts = np.zeros((h, w, 20), np.int32)
+    my, mx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    for dy in range(f):
+        for dx in range(f):
+            counts[my, mx, bins[dy::f, dx::f]] += 1
+    best = counts.argmax(2)
+    out = np.where(best == 19, IGNORE_INDEX, best).astype(np.uint8)
+    out[2 * np.take_along_axis(counts, best[..., None], 2)[..., 0] <= f * f] = IGNORE_INDEX
+    return out
+
+
+def baseline_sample(image_path: Path, label_path: Path, rng: np.random.Generator, *, input_hw, translate_px, gamma_z):
+    h, w = input_hw
+    image = Image.open(image_path).convert("RGB")
+    label = ID_TO_TRAIN[np.asarray(Image.open(label_path))]
+    f = label.shape[0] // h
+    x = np.asarray(image.resize((w, h), Image.LANCZOS), np.float32) / 255.0
+    y = baseline_vote(label, f)
+    dy, dx = rng.integers(-translate_px, translate_px + 1, 2)
+    pad = ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)))
+    x = np.pad(x, pad + ((0, 0),), mode="reflect")[max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w]
+    y = np.pad(y, pad, constant_values=IGNORE_INDEX)[max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w]
+    x = np.power(x, np.float32(gamma_exponent(rng.uniform(-gamma_z, gamma_z))))
+    return x.transpose(2, 0, 1), y.astype(np.int64)
+
+
+def run_baseline(root: Path, epochs: int, **recipe) -> tuple[int, float, float]:
+    images = sorted((root / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+    pairs = [
+        (p, root / "gtFine" / "train" / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds"))
+        for p in images
+    ]
+    rng = np.random.default_rng(0)
+    baseline_sample(*pairs[0], rng, **recipe)  # warm-up (imports, first allocations)
+    n, wall, cpu = 0, time.perf_counter(), cpu_seconds()
+    for _ in range(epochs):
+        for order in rng.permutation(len(pairs)):
+            baseline_sample(*pairs[order], rng, **recipe)
+            n += 1
+    return n, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def run_loader(shards: Path, backend: str, epochs: int, **recipe) -> tuple[int, float, float]:
+    loader = build_loader(
+        shards, "train", backend=backend, recipe="paper", micro_batch_size=1, num_threads=1 if backend == "dali" else 0,
+        **recipe,
+    )  # fmt: skip
+    for _ in loader:  # warm-up epoch: pipeline construction, first allocations, page cache
+        pass
+    n, wall, cpu = 0, time.perf_counter(), cpu_seconds()
+    for _ in range(epochs):
+        for batch in loader:
+            n += len(batch)
+    return n, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=16, help="full-resolution train frames to make")
+    ap.add_argument("--hw", default="1024x2048", help="frame size HxW (the input is a quarter of it per axis)")
+    ap.add_argument("--epochs", type=int, default=2, help="timed passes over the frames per backend")
+    ap.add_argument("--keep", default=None, help="make (or reuse) the dataset and shards in this folder")
+    args = ap.parse_args()
+    hw = parse_hw(args.hw)
+    input_hw = (hw[0] // 4, hw[1] // 4)
+    recipe = dict(input_hw=input_hw, translate_px=30, gamma_z=0.05)
+    torch.set_num_threads(1)  # one core per backend
+
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f} (shared machines: wall figures include other users)")  # fmt: skip
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_data-"))
+    try:
+        t = time.perf_counter()
+        root = make_dataset(work / "synthetic", hw=hw, num_train=args.frames, num_val=0, num_train_cities=2, seed=0)
+        jpg, png = work / "shards-jpg", work / "shards-png"
+        pack(root, jpg, splits=("train",), image_format="jpg", jpeg_quality=95, seed=0)
+        pack(root, png, splits=("train",), image_format="png", seed=0)
+        print(
+            f"data: {args.frames} synthetic {hw[0]}x{hw[1]} frames ({time.perf_counter() - t:.0f} s to make and pack)"
+        )
+        mb = lambda paths: sum(p.stat().st_size for p in paths) / 1e6 / args.frames
+        source = mb((root / "leftImg8bit" / "train").rglob("*.png"))
+        print(f"  source PNG {source:.1f} MB/frame, JPEG q95 shards {mb(jpg.glob('*.tar')):.1f} MB/frame, "
+              f"PNG shards {mb(png.glob('*.tar')):.1f} MB/frame")  # fmt: skip
+        # Same work on both sides: the baseline's vote gives the loaders' labels (checked on one frame).
+        label = ID_TO_TRAIN[np.asarray(Image.open(next((root / "gtFine" / "train").rglob("*_labelIds.png"))))]
+        assert np.array_equal(baseline_vote(label, 4), majority_vote(torch.from_numpy(label)[None], 4)[0].numpy())
+        print(f"recipe: paper at {input_hw[0]}x{input_hw[1]} (Lanczos /4, majority vote, translate +-30, gamma 0.05), "
+              f"{args.epochs} timed epochs after one warm-up, micro-batch 1, one core each")  # fmt: skip
+
+        rows = [
+            ("dali-cpu", lambda: run_loader(jpg, "dali", args.epochs, **recipe)),
+            ("dali-cpu (png)", lambda: run_loader(png, "dali", args.epochs, **recipe)),
+            ("fallback", lambda: run_loader(jpg, "torch", args.epochs, **recipe)),
+            ("png-baseline", lambda: run_baseline(root, args.epochs, **recipe)),
+        ]
+        results = {}
+        print(f"\n{'backend':<16}{'images':>8}{'img/s wall':>12}{'img/CPU-s':>12}{'ms CPU/img':>12}")
+        for name, run in rows:
+            n, wall, cpu = run()
+            results[name] = n / cpu
+            print(f"{name:<16}{n:>8}{n / wall:>12.2f}{n / cpu:>12.2f}{1e3 * cpu / n:>12.1f}")
+        print(f"{'dali-gpu':<16}    not measured here (no GPU here; device='cuda' decodes the JPEGs with nvJPEG)")
+
+        ratio = results["dali-cpu"] / results["png-baseline"]
+        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+        print(f"\nper core: dali-cpu / png-baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict}); "
+              f"fallback / png-baseline = {results['fallback'] / results['png-baseline']:.2f}x; "
+              f"dali-cpu jpg / png shards = {results['dali-cpu'] / results['dali-cpu (png)']:.2f}x")  # fmt: skip
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The plain-PyTorch loader for machines without DALI: same shards, same recipes, same Batch, same sharding.
+
+It reads the WebDataset tars through their `.idx` files (byte offsets), not through webdataset's sequential
+reader: that one splits work by *tar file* and stalls when there are fewer tars than ranks x workers
+(webdataset#188), while here any rank takes exactly DALI's contiguous sample range, shuffles it fully, and
+resumes by skipping batches without reading them.
+
+Each epoch is planned up front from (seed + rank, epoch): the order of the rank's slice and one random row per
+sample (recipes.draw_params, plus the seed recipe's crop corner). A checkpoint is just (epoch, batches done),
+replayed deterministically. DataLoader workers decode with PIL, downscale with PIL's Lanczos and run
+recipes.finish_batch on the CPU, one whole micro-batch per task.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from frrn_dist.data.loaders import pack_state
+from frrn_dist.data.manifest import ShardError
+from frrn_dist.data.recipes import Batch, Recipe, draw_crops, draw_params, finish_batch
+from frrn_dist.data.shardindex import Sample, shard_range
+
+
+def lanczos_downscale(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """PIL's anti-aliased Lanczos, edges replicated like DALI's resize: (H, W, 3) uint8 -> (h, w, 3) uint8.
+
+    PIL renormalises the filter where it runs off the image and DALI clamps to the edge pixel; padding by the
+    filter's reach (3 taps x the factor) makes PIL do the same, so the two loaders differ by a grey level or
+    two instead of up to ~10 along the border.
+    """
+    (H, W), (h, w) = image.shape[:2], hw
+    pad = 3 * -(-max(H // h, W // w, 1) // 1)
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    return np.asarray(Image.fromarray(padded).resize((w, h), Image.LANCZOS, box=(pad, pad, pad + W, pad + H)))
+
+
+class _BatchDataset(Dataset):
+    """Item = one micro-batch: a list of (sample index, random row, crop corner). Returns finished tensors."""
+
+    def __init__(self, samples: list[Sample], recipe: Recipe, image_ext: str, full_res: bool, instances: bool):
+        self.samples, self.recipe, self.image_ext = samples, recipe, image_ext
+        self.full_res, self.instances = full_res, instances
+        self._fds: dict[str, int] = {}  # per worker process: tar path -> open file descriptor
+
+    def __len__(self) -> int:  # items are batch specs from the sampler, not positions
+        return len(self.samples)
+
+    def __getstate__(self):  # to a worker process: open descriptors do not travel
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _read(self, sample: Sample, ext: str) -> bytes:
+        fd = self._fds.get(sample.tar)
+        if fd is None:
+            fd = self._fds[sample.tar] = os.open(sample.tar, os.O_RDONLY)
+        offset, size = sample.members[ext]
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(f"{sample.tar}: truncated inside {sample.key}.{ext}")
+        return data
+
+    def _decode(self, sample: Sample, ext: str, mode: str) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(self._read(sample, ext))) as im:
+                if ext == self.image_ext:
+                    im = im.convert("RGB")
+                elif im.mode != mode:
+                    raise ShardError(f"{sample.tar}: {sample.key}.{ext} is a {im.mode!r} PNG, expected {mode!r}")
+                array = np.asarray(im)
+        except (OSError, SyntaxError) as e:
+            raise ShardError(f"{sample.tar}: cannot decode {sample.key}.{ext} ({e})") from e
+        if array.shape[:2] != tuple(self.recipe.source_hw):
+            raise ShardError(
+                f"{sample.tar}: {sample.key}.{ext} is {array.shape[0]}x{array.shape[1]}, the manifest says "
+                f"{self.recipe.source_hw[0]}x{self.recipe.source_hw[1]}"
+            )
+        return array
+
+    def __getitem__(self, spec):
+        # A bad sample comes back as a message: DataLoader would wrap a worker's exception in a traceback.
+        try:
+            return self._batch(spec)
+        except ShardError as e:
+            return {"error": str(e)}
+
+    def _batch(self, spec):
+        (h, w), (rh, rw) = self.recipe.input_hw, self.recipe.region_hw
+        images, labels, keys, instances, params = [], [], [], [], []
+        for index, row, (y, x) in spec:
+            sample = self.samples[index]
+            image = self._decode(sample, self.image_ext, "RGB")[y : y + rh, x : x + rw]
+            label = self._decode(sample, "label.png", "L")[y : y + rh, x : x + rw]
+            images.append(lanczos_downscale(image, (h, w)))
+            labels.append(label)
+            keys.append(json.loads(self._read(sample, "json"))["key"])
+            params.append(row)
+            if self.instances:
+                instances.append(self._decode(sample, "instance.png", "I;16").astype(np.int32))
+        H, W = self.recipe.source_hw
+        images = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, h, w, 3), dtype=torch.uint8)
+        labels = torch.from_numpy(np.stack(labels)) if labels else torch.zeros((0, rh, rw), dtype=torch.uint8)
+        random = self.recipe.random and len(spec) > 0
+        x, y = finish_batch(images, labels, np.stack(params) if random else None, factor=self.recipe.factor)
+        out = dict(images=x, labels=y, keys=keys)
+        if self.full_res:
+            out["full_labels"] = labels.long()
+            if self.instances:
+                out["full_instances"] = (
+                    torch.from_numpy(np.stack(instances)) if instances else torch.zeros((0, H, W), dtype=torch.int32)
+                )
+        return out
+
+
+class _Specs:
+    """The DataLoader's sampler: the batch specs still to come in the current epoch, set before each `for`."""
+
+    def __init__(self):
+        self.specs: list = []
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _worker_context():
+    ctx = mp.get_context("forkserver")
+    # Workers fork from a server that has imported torch, PIL and this module once (if nobody started it yet).
+    ctx.set_forkserver_preload(["frrn_dist.data.fallback"])
+    return ctx
+
+
+class TorchLoader:
+    """The fallback backend. Same public surface as the DALI loader: len, iteration by epochs, state()."""
+
+    def __init__(
+        self,
+        *,
+        samples: list[Sample],
+        recipe: Recipe,
+        image_ext: str,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_batches: int,
+        drop_last: bool,
+        full_res_targets: bool,
+        instances: bool,
+        setup: dict,
+        position: dict,
+        device: str,
+        device_id: int | None,
+        num_workers: int,
+    ):
+        self.recipe, self._setup = recipe, setup
+        self._dataset = _BatchDataset(samples, recipe, image_ext, full_res_targets, instances)
+        self._num_samples, self._batch_size = len(samples), micro_batch_size
+        self._rank, self._world_size, self._seed = rank, world_size, seed
+        self._num_batches, self._drop_last = num_batches, drop_last
+        self._device = torch.device(device, device_id) if device == "cuda" else torch.device(device)
+        self._num_workers = num_workers
+        self._epoch = int(position.get("epoch", 0))
+        self._done = int(position.get("batches_done", 0))
+        self._sampler, self._loader = _Specs(), None
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed since the loader (or the run it was checkpointed from) started."""
+        return self._epoch
+
+    def epoch_plan(self, epoch: int) -> list[list[tuple[int, np.ndarray, tuple[int, int]]]]:
+        """This rank's batches of `epoch`: lists of (sample index, random row, crop corner)."""
+        # Like DALI, every rank moves on to the next slice each epoch (so a dropped tail differs per epoch).
+        lo, hi = shard_range(self._num_samples, (self._rank + epoch) % self._world_size, self._world_size)
+        order = np.arange(lo, hi)
+        if self._drop_last:
+            rng = np.random.default_rng([self._seed + self._rank, epoch])
+            order = rng.permutation(order)
+            params, crops = draw_params(rng, len(order), self.recipe), draw_crops(rng, len(order), self.recipe)
+        else:
+            params = np.zeros((len(order), 4), np.float32)
+            crops = np.zeros((len(order), 2), np.int64)
+        rows = [(int(i), params[k], (int(crops[k, 0]), int(crops[k, 1]))) for k, i in enumerate(order)]
+        b = self._batch_size
+        # Evaluation: short (or empty) last batches on the ranks with the smaller slices, never a repeat.
+        return [rows[k * b : (k + 1) * b] for k in range(self._num_batches)]
+
+    def __iter__(self):
+        if self._done >= self._num_batches:
+            self._epoch, self._done = self._epoch + 1, 0
+        epoch = self._epoch
+        self._sampler.specs = self.epoch_plan(epoch)[self._done :]
+        if self._loader is None:
+            workers = self._num_workers
+            self._loader = DataLoader(
+                self._dataset,
+                batch_size=None,  # the dataset returns whole batches
+                sampler=self._sampler,
+                num_workers=workers,
+                pin_memory=self._device.type == "cuda",
+                prefetch_factor=2 if workers else None,
+                # Workers live as long as the loader (no start-up per epoch) and come from a forkserver, not a
+                # fork of this process: forking a process that runs DALI's (or any) thread pools can leave the
+                # child waiting forever on a lock some thread held at the fork (seen here with DALI alive).
+                persistent_workers=workers > 0,
+                multiprocessing_context=_worker_context() if workers else None,
+            )
+        to = lambda t: None if t is None else t.to(self._device, non_blocking=True)
+        for out in self._loader:
+            if "error" in out:
+                raise ShardError(out["error"])
+            self._done += 1
+            yield Batch(
+                images=to(out["images"]),
+                labels=to(out["labels"]),
+                keys=list(out["keys"]),
+                full_labels=to(out.get("full_labels")),
+                full_instances=to(out.get("full_instances")),
+            )
+
+    def state(self) -> bytes:
+        """Bytes that resume this loader where it is (epoch and batches done; the rest is replayed)."""
+        return pack_state(self._setup, dict(epoch=self._epoch, batches_done=self._done))

@@ -1,0 +1,364 @@
+"""`build_loader`: batches of (images, labels) from the shards, by DALI or by the plain-PyTorch fallback.
+
+    loader = build_loader(shard_dir, "train", backend="dali", recipe="paper", input_hw=(256, 512),
+                          micro_batch_size=3, rank=rank, world_size=world_size, seed=0)
+    for batch in loader:      # one epoch per `for`; breaking off and starting a new `for` continues that epoch
+        batch.images          # float32 (N, 3, h, w) RGB in [0, 1] on the device; batch.labels int64 (N, h, w)
+    blob = loader.state()     # bytes; build_loader(..., checkpoint=blob) continues exactly there
+
+Sharding by GLOBAL rank (DALI's rule, both backends): rank r reads samples [r N / S, (r + 1) N / S) of all tars
+concatenated, moving to the next slice each epoch. len(loader) is the same on every rank, which DeepSpeed's
+collectives need:
+- training: floor(floor(N / S) / micro_batch_size) full batches (DROP); a rank's surplus is read and dropped.
+- evaluation (recipe "eval"): ceil(ceil(N / S) / micro_batch_size) batches (PARTIAL + padded slices), so every
+  sample is seen exactly once per epoch across ranks; a rank's last batch can be short, even empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from frrn_dist.data.manifest import ShardError, split_files, split_info
+from frrn_dist.data.recipes import Batch, Recipe, RecipeError, finish_batch, make_recipe
+from frrn_dist.data.shardindex import index_split
+
+if TYPE_CHECKING:
+    from frrn_dist.data.fallback import TorchLoader
+
+__all__ = ["Batch", "LoaderError", "ShardError", "RecipeError", "build_loader", "epoch_batches"]
+
+BACKENDS = ("dali", "torch")
+STATE_FORMAT = "frrn-dist-loader/1"
+
+
+class LoaderError(ValueError):
+    """Bad loader arguments, a checkpoint from another setup, or a shard that fails while reading."""
+
+
+def epoch_batches(num_samples: int, world_size: int, micro_batch_size: int, *, drop_last: bool) -> int:
+    """Batches per epoch on every rank (see the module docstring)."""
+    if drop_last:
+        return (num_samples // world_size) // micro_batch_size
+    return math.ceil(math.ceil(num_samples / world_size) / micro_batch_size)
+
+
+def build_loader(
+    shard_dir: str | Path,
+    split: str,
+    *,
+    backend: str = "dali",
+    recipe: str = "paper",
+    input_hw: tuple[int, int] = (256, 512),
+    micro_batch_size: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    translate_px: int = 30,
+    gamma_z: float = 0.05,
+    flip: bool | None = None,
+    device: str = "cpu",
+    device_id: int | None = None,
+    num_threads: int = 2,
+    shuffle_buffer: int = 256,
+    checkpoint: bytes | None = None,
+    full_res_targets: bool = False,
+) -> DaliLoader | TorchLoader:
+    """A loader over `split` of a shard folder; see the module docstring for the contract.
+
+    recipe: "paper" (whole frames downscaled by an integer factor, translation, gamma), "seed" (random (2h, 2w)
+    crop halved, flip, gamma) or "eval" (whole frames, no randomness, every sample once per epoch).
+    seed: base seed; rank r draws its augmentation from seed + r. device: "cpu" or "cuda" (DALI then decodes
+    JPEG on GPU device_id, default the current CUDA device). num_threads: DALI threads, or fallback DataLoader
+    workers (0 = in this process). full_res_targets: also return the source-resolution labels (and the
+    instanceIds if the split has them); whole-frame recipes only.
+    """
+    if backend not in BACKENDS:
+        raise LoaderError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if device not in ("cpu", "cuda"):
+        raise LoaderError(f"device={device!r}: expected 'cpu' or 'cuda'")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LoaderError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    if micro_batch_size < 1:
+        raise LoaderError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+    if shuffle_buffer < 1:
+        raise LoaderError(f"shuffle_buffer={shuffle_buffer}: must be >= 1 (samples held for DALI's shuffle)")
+    if num_threads < (1 if backend == "dali" else 0):
+        raise LoaderError(f"num_threads={num_threads}: DALI needs at least 1")
+
+    info = split_info(shard_dir, split)
+    components = info.get("components", [])
+    image_ext = next((e for e in ("jpg", "png") if e in components), None)
+    if image_ext is None:
+        raise ShardError(f"{Path(shard_dir) / 'manifest.json'}: split {split!r} lists no jpg or png image component")
+    plan = make_recipe(
+        recipe,
+        source_hw=(info["height"], info["width"]),
+        input_hw=input_hw,
+        translate_px=translate_px,
+        gamma_z=gamma_z,
+        flip=flip,
+    )
+    if full_res_targets and plan.region_hw != plan.source_hw:
+        raise LoaderError(f"full_res_targets=True needs a whole-frame recipe ('paper' or 'eval'), not {recipe!r}")
+    instances = full_res_targets and "instance.png" in components
+    samples = index_split(shard_dir, split, [image_ext, "label.png", "json"] + (["instance.png"] if instances else []))
+
+    drop_last = recipe != "eval"
+    num_batches = epoch_batches(len(samples), world_size, micro_batch_size, drop_last=drop_last)
+    if num_batches == 0 or len(samples) < world_size:
+        raise LoaderError(
+            f"{shard_dir}: split {split!r} has {len(samples)} samples, too few for {world_size} rank(s) x "
+            f"micro_batch_size {micro_batch_size} (each rank needs a sample, in training a full batch)"
+        )
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LoaderError("device='cuda' but torch sees no CUDA device (use device='cpu')")
+        device_id = torch.cuda.current_device() if device_id is None else device_id
+
+    # Everything that must match for a checkpoint to resume this loader.
+    setup = dict(
+        backend=backend,
+        split=split,
+        recipe=plan.name,
+        input_hw=list(plan.input_hw),
+        num_samples=len(samples),
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        translate_px=plan.translate_px,
+        gamma_z=plan.gamma_z,
+        flip=plan.flip,
+        full_res_targets=full_res_targets,
+    )
+    if backend == "dali":
+        import nvidia.dali
+
+        # A DALI checkpoint restores only into the same graph (the shuffle buffer is part of it) and version.
+        setup.update(shuffle_buffer=shuffle_buffer, dali=nvidia.dali.__version__)
+    position, payload = _unpack_state(checkpoint, setup) if checkpoint is not None else ({}, None)
+    common = dict(
+        recipe=plan,
+        image_ext=image_ext,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_batches=num_batches,
+        drop_last=drop_last,
+        full_res_targets=full_res_targets,
+        instances=instances,
+        setup=setup,
+        position=position,
+    )
+    if backend == "torch":
+        from frrn_dist.data.fallback import TorchLoader
+
+        return TorchLoader(**common, samples=samples, device=device, device_id=device_id, num_workers=num_threads)
+    tars, idxs = split_files(shard_dir, split)
+    return DaliLoader(
+        **common,
+        tars=tars,
+        idxs=idxs,
+        device=device,
+        device_id=device_id,
+        num_threads=num_threads,
+        shuffle_buffer=shuffle_buffer,
+        dali_checkpoint=payload,
+        what=f"{Path(shard_dir)}/{split}",
+    )
+
+
+def pack_state(setup: dict, position: dict, payload: bytes | None = None) -> bytes:
+    """A loader checkpoint: the setup it belongs to, its place in the epoch, and the backend's own bytes."""
+    doc = dict(format=STATE_FORMAT, setup=setup, position=position)
+    if payload is not None:
+        doc["payload"] = base64.b64encode(payload).decode("ascii")
+    return json.dumps(doc).encode()
+
+
+def _unpack_state(blob: bytes, setup: dict) -> tuple[dict, bytes | None]:
+    try:
+        doc = json.loads(bytes(blob))
+        ok = doc.get("format") == STATE_FORMAT and isinstance(doc.get("setup"), dict)
+    except (TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise LoaderError(f"checkpoint: not a loader state ({STATE_FORMAT}); pass the bytes from loader.state()")
+    for key, value in setup.items():
+        if doc["setup"].get(key) != value:
+            raise LoaderError(
+                f"checkpoint: saved with {key}={doc['setup'].get(key)!r}, this loader has {key}={value!r} "
+                "(a loader resumes only with the same data, recipe, batch size, rank and world size)"
+            )
+    payload = base64.b64decode(doc["payload"]) if "payload" in doc else None
+    return doc.get("position", {}), payload
+
+
+class DaliLoader:
+    """The DALI backend: frrn_pipeline behind a DALIGenericIterator, finished by recipes.finish_batch."""
+
+    def __init__(
+        self,
+        *,
+        recipe: Recipe,
+        image_ext: str,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_batches: int,
+        drop_last: bool,
+        full_res_targets: bool,
+        instances: bool,
+        setup: dict,
+        position: dict,
+        device: str,
+        device_id: int | None,
+        num_threads: int,
+        shuffle_buffer: int,
+        tars: list[str],
+        idxs: list[str],
+        dali_checkpoint: bytes | None,
+        what: str,
+    ):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from frrn_dist.data.dali import frrn_pipeline, output_names
+
+        self.recipe, self._setup, self._what = recipe, setup, what
+        self._tars, self._idxs = tars, idxs
+        self._num_batches, self._full_res = num_batches, full_res_targets
+        self._epoch = int(position.get("epoch", 0))
+        self._done = int(position.get("batches_done", 0))  # batches handed out in the current epoch
+        pipe = frrn_pipeline(
+            tars=tars,
+            idxs=idxs,
+            image_ext=image_ext,
+            recipe=recipe,
+            shard_id=rank,
+            num_shards=world_size,
+            shuffle=drop_last,
+            shuffle_buffer=shuffle_buffer,
+            decode_device="mixed" if device == "cuda" else "cpu",
+            instances=instances,
+            batch_size=micro_batch_size,
+            num_threads=num_threads,
+            device_id=device_id if device == "cuda" else None,
+            seed=seed + rank,
+            checkpoint=dali_checkpoint,
+        )
+        # PARTIAL for both: with padded slices it is the only policy whose every epoch covers each sample once.
+        # DROP is emulated above it (len = the smallest rank's full batches, the rest drained in _end_epoch)
+        # because DALI's own DROP leaves the padded tail batch in the pipeline, where the next epoch then
+        # starts: repeated samples on every rank whose slice is not a multiple of the batch size (seen here).
+        # (The iterator runs the pipeline for its first batch right away, so read errors can surface here.)
+        self._it = self._call(
+            DALIGenericIterator,
+            [pipe],
+            output_names(recipe, instances),
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+        )
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed since the loader (or the run it was checkpointed from) started."""
+        return self._epoch
+
+    def __iter__(self):
+        if self._done >= self._num_batches:
+            self._end_epoch()
+        epoch = self._epoch
+        while self._epoch == epoch and self._done < self._num_batches:
+            out = self._next()
+            self._done += 1
+            yield self._to_batch(out)
+        if self._epoch == epoch:  # not already ended by state()
+            self._end_epoch()
+
+    def state(self) -> bytes:
+        """Bytes that resume this loader where it is: same next batch, same random numbers, same epochs after."""
+        if self._done >= self._num_batches:
+            self._end_epoch()  # saved at an epoch's end: resume at the next epoch's start
+        checkpoint = self._it.checkpoints()[0]
+        if isinstance(checkpoint, str):
+            checkpoint = checkpoint.encode()
+        return pack_state(self._setup, dict(epoch=self._epoch, batches_done=self._done), checkpoint)
+
+    def _end_epoch(self) -> None:
+        # Read and drop whatever the epoch has left (training's surplus), up to DALI's end of epoch.
+        while True:
+            try:
+                self._next()
+            except StopIteration:
+                break
+        self._epoch, self._done = self._epoch + 1, 0
+
+    def _next(self):
+        return self._call(next, self._it)[0]
+
+    def _call(self, f, *args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            where = _find_undecodable(self._tars, self._idxs) or self._what
+            raise LoaderError(f"{where}: DALI failed while reading: {_dali_reason(str(e))}") from e
+
+    def _to_batch(self, out: dict) -> Batch:
+        labels = out["label"][..., 0]  # (N, Hr, Wr) uint8
+        images, small = finish_batch(out["image"], labels, out.get("params"), factor=self.recipe.factor)
+        keys = [json.loads(bytes(m.numpy()).rstrip(b"\0"))["key"] for m in out["meta"]]
+        batch = Batch(images=images, labels=small, keys=keys)
+        if self._full_res:
+            batch.full_labels = labels.long()
+            if "instance" in out:
+                batch.full_instances = out["instance"][..., 0].int()
+        return batch
+
+
+def _find_undecodable(tars: list[str], idxs: list[str]) -> str | None:
+    """After a DALI failure: '<tar>: sample <key> (<member>)' of the first member PIL cannot decode, or None.
+
+    DALI's decoder errors name neither the tar nor the sample. Only run on the error path: it reads every image.
+    """
+    import io
+
+    from PIL import Image
+
+    from frrn_dist.data.shardindex import read_index
+
+    for tar, idx in zip(tars, idxs):
+        with open(tar, "rb") as f:
+            for sample in read_index(idx, tar):
+                for ext, (offset, size) in sample.members.items():
+                    if not ext.endswith(("jpg", "png")):
+                        continue
+                    f.seek(offset)
+                    try:
+                        Image.open(io.BytesIO(f.read(size))).load()
+                    except Exception:  # noqa: BLE001 - any decoder failure is the one to report
+                        return f"{tar}: sample {sample.key} ({sample.key}.{ext}) does not decode"
+    return None
+
+
+def _dali_reason(message: str) -> str:
+    """One line out of DALI's multi-line error: the failing operator and what it said."""
+    op = re.search(r"Error in \w+ operator `([^`]+)`", message)
+    tail = message.split("encountered:", 1)[-1]
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip() and not ln.startswith("Critical error")]
+    reason = lines[0] if lines else message.strip().splitlines()[0]
+    return f"{op.group(1)}: {reason}" if op else reason

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny synthetic Cityscapes dataset on disk and its shards (session-scoped, built once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from frrn_dist.shards import pack
+from frrn_dist.synthetic import make_dataset
+
+# 6 train frames (2 cities) + 4 val frames (1 city) at 128x256: every frame holds all 19 classes, ~2 s to make.
+SYNTHETIC_HW = (128, 256)
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 6, 4
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Cityscapes-layout folder: leftImg8bit/{train,val}/<city>/..., gtFine/{train,val}/<city>/... (read only)."""
+    return make_dataset(
+        tmp_path_factory.mktemp("synthetic") / "cityscapes",
+        hw=SYNTHETIC_HW,
+        num_train=SYNTHETIC_TRAIN,
+        num_val=SYNTHETIC_VAL,
+        num_train_cities=2,
+        num_val_cities=1,
+        seed=0,
+        workers=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def shard_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`synthetic_root` packed as the loaders expect: train/val tars (JPEG q95), .idx files, manifest.json."""
+    out = tmp_path_factory.mktemp("shards") / "jpg"
+    pack(synthetic_root, out, image_format="jpg", shard_size_mb=0.1, seed=0, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir_png(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`synthetic_root` packed with lossless PNG images (decode equals the source exactly)."""
+    out = tmp_path_factory.mktemp("shards") / "png"
+    pack(synthetic_root, out, image_format="png", shard_size_mb=0.1, seed=0, workers=2)
+    return out
