@@ -61,11 +61,10 @@ def build_model(model_cfg: DictConfig) -> FRRN:
         num_classes=model_cfg.num_classes,
         upsample=model_cfg.upsample,
         checkpointing=model_cfg.checkpointing,
+        channels_last=model_cfg.channels_last,  # the model converts its input; weights stay contiguous for DeepSpeed
     )
     if model_cfg.sync_bn:
         model = convert_sync_batchnorm(model)
-    if model_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model
 
 
