@@ -24,9 +24,10 @@ class ModelConfig:
     """Output classes: the 19 Cityscapes train ids."""
     upsample: str = "theano"
     """Pooling-stream x2 upsampling grid: "theano" (the authors'), "align_corners" or "half_pixel" (PyTorch)."""
-    checkpointing: str = "unit"
+    checkpointing: str = "off"
     """Activation checkpointing: "off", "unit" (each RU/FRRU) or "stage". "unit" keeps 4.2x fewer bytes for backward
-    per image for ~25% more step time (BENCHMARKS.md), so 13 instead of 4 FRRN-A images at 256x512 fit in 8 GiB."""
+    per image for ~25% more step time (BENCHMARKS.md), so 13 instead of 4 FRRN-A images at 256x512 fit in 8 GiB:
+    the GPU configs (frrn_a.yaml, frrn_b.yaml) turn it on; the CPU has memory to spare."""
     sync_bn: bool = False
     """SyncBatchNorm across ranks (GPU only). Off: BN statistics are averaged over ranks before eval and saving."""
     channels_last: bool = False
