@@ -328,7 +328,9 @@ def test_sbatch_requeues_only_a_run_that_progressed_and_is_unfinished(slurm, tmp
 def test_sbatch_trains_one_task_per_rank_like_one_node(one_node, slurm, shard_dir, tmp_path):
     """srun's tasks become global ranks 0 and 1 through scheduler_env.py and train what one node trains."""
     env, log = slurm
-    proc = sbatch([str(ROOT / "configs/demo.yaml"), *overrides(shard_dir, tmp_path, "job", "train.max_steps=2")], env)
+    base = tmp_path / "base.yaml"  # the schema defaults, as the one-node reference uses
+    base.write_text("model:\n  arch: A\n")
+    proc = sbatch([str(base), *overrides(shard_dir, tmp_path, "job", "train.max_steps=2")], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "run finished at step 2" in proc.stdout and "master localhost:" in proc.stdout
     calls = log.read_text()
