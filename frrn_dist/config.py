@@ -43,7 +43,9 @@ class DataConfig:
     val_split: str = "val"
     """Split evaluated during training (at the training scale)."""
     backend: str = "dali"
-    """Loader: "dali" (DALI pipelines; GPU decode on cuda) or "torch" (webdataset + DataLoader fallback)."""
+    """Loader: "dali" (DALI pipelines; GPU decode on cuda), "torch" (PIL + DataLoader fallback, via the .idx) or
+    "stream" (webdataset streams + DataLoader workers; the one that reads a URL shard_dir: http(s)://, s3://,
+    gs://, pipe:CMD {})."""
     recipe: str = "paper"
     """Training augmentation: "paper" (whole frames, translate, gamma) or "seed" (the TF port: crop, halve, flip)."""
     input_hw: list[int] = field(default_factory=lambda: [256, 512])
@@ -54,10 +56,13 @@ class DataConfig:
     """Gamma augmentation strength z ~ U(-z, z) (frrn-spec Eq. 14); 0 turns it off."""
     flip: bool | None = None
     """Horizontal flip; None takes the recipe's default (seed: on, paper: off)."""
-    num_threads: int = 2
-    """DALI CPU threads (or fallback workers) per rank."""
+    num_threads: int | None = None
+    """DALI CPU threads (or fallback workers) per rank; None: the CPUs this rank may use (SLURM_CPUS_PER_TASK,
+    else its CPU affinity shared by the node's ranks), less one for the training process, at most 8 (logged)."""
     shuffle_buffer: int = 256
     """DALI shuffle buffer in samples; it holds encoded frames in host RAM on every rank."""
+    shuffle: bool = True
+    """Shuffle within each rank's slice while training; False reads in order (for exact comparisons of runs)."""
 
 
 @dataclass
@@ -70,8 +75,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adam"
+    """"adam" (the authors'; AdamW when weight_decay > 0) or "sgd" (momentum SGD, torch.optim.SGD)."""
     lr: float = 1e-3
-    """Adam learning rate at the start."""
+    """Learning rate at the start."""
     schedule: str = "step"
     """"step" (lr x lr_drop_factor after lr_drop_step), "constant", or "cosine" (to lr x lr_drop_factor)."""
     lr_drop_step: int = 45000
@@ -86,6 +93,8 @@ class OptimConfig:
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum (sgd only)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
 
@@ -103,13 +112,23 @@ class TrainConfig:
     save_every_steps: int = 1000
     """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
     log_every_steps: int = 10
-    """Log train loss, lr and throughput every this many optimizer steps."""
+    """Log train loss, lr and throughput every this many optimizer steps. Also the loop's only host
+    synchronisation: all ranks then agree on stopping (a non-finite loss anywhere, SIGTERM anywhere), as they do
+    before every evaluation and save. So SIGTERM is answered within this many steps plus one save."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted first); the newest is always kept."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state) or 2 (also gradients)."""
     precision: str = "fp32"
     """"fp32" or "bf16" (autocast: convs in bf16, parameters, BN statistics and the loss in fp32)."""
+    bf16_grad_reduce: bool = False
+    """bf16 + ZeRO 1/2: all-reduce conv gradients in bf16 (half the bytes; DeepSpeed's torch_autocast default).
+    Off: every ZeRO stage reduces fp32 gradients, so stage 0, 1 and 2 train the same model."""
+    cudnn_benchmark: bool = True
+    """CUDA: let cuDNN time its convolution algorithms once (input shapes never change while training)."""
+    count_host_syncs: bool = False
+    """Count host synchronisations on ordinary micro-steps (CUDA: torch.cuda.set_sync_debug_mode; CPU: the
+    loop's own tensor reads) and write them to <run>/host_syncs.json; a check, it slows the loop down."""
     seed: int = 0
     """Seed for weights and data order; rank r augments with seed + r."""
 
@@ -161,9 +180,10 @@ _CHOICES = {
     "model.arch": ("A", "B"),
     "model.upsample": ("theano", "align_corners", "half_pixel"),
     "model.checkpointing": ("off", "unit", "stage"),
-    "data.backend": ("dali", "torch"),
+    "data.backend": ("dali", "torch", "stream"),
     "data.recipe": ("paper", "seed"),
     "optim.schedule": ("step", "constant", "cosine"),
+    "optim.optimizer": ("adam", "sgd"),
     "train.zero_stage": (0, 1, 2),
     "train.precision": ("fp32", "bf16"),
     "wandb.mode": ("auto", "online", "offline"),
@@ -266,24 +286,36 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "train_batch_size": images_per_step(cfg, world_size),
-        # torch_adam: no FusedAdam JIT build (80 s on CPU); adam_w_mode only matters with weight decay.
-        "optimizer": {
-            "type": "Adam",
-            "params": {
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-                "torch_adam": True,
-                "adam_w_mode": True,
-            },
-        },
+        "optimizer": _optimizer_config(cfg.optim),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.optimizer != "adam":
+        ds["zero_allow_untested_optimizer"] = True  # torch.optim.SGD under ZeRO 1/2: plain per-parameter state
     if cfg.train.precision == "bf16":
         # Autocast, not DeepSpeed's "bf16" block: that one casts parameters but not BN buffers (stack-notes 2.3).
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if not cfg.train.bf16_grad_reduce:
+            # DeepSpeed tags Conv2d parameters comm_dtype=bf16, which ZeRO 1/2 (not 0) then reduce in bf16; an
+            # empty list tags nothing, so every stage all-reduces the same fp32 gradients (stack-notes 2.9).
+            ds["torch_autocast"]["lower_precision_safe_modules"] = []
     return OmegaConf.to_container(OmegaConf.merge(ds, cfg.deepspeed), resolve=True)  # type: ignore[return-value]
+
+
+def _optimizer_config(optim: Any) -> dict[str, Any]:
+    """DeepSpeed's optimizer block. torch_adam: no FusedAdam JIT build (80 s on CPU); names DeepSpeed does not
+    know ("SGD") are looked up in torch.optim."""
+    if optim.optimizer == "sgd":
+        params = {"lr": optim.lr, "momentum": optim.momentum, "weight_decay": optim.weight_decay}
+        return {"type": "SGD", "params": params}
+    params = {
+        "lr": optim.lr,
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+        "torch_adam": True,
+        "adam_w_mode": True,  # only matters with weight decay
+    }
+    return {"type": "Adam", "params": params}

@@ -16,6 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+_DEVICE: torch.device | None = None  # this rank's compute device, set by init_distributed
+
+
+def compute_device() -> torch.device:
+    """This rank's compute device (cuda:LOCAL_RANK or cpu): where every tensor handed to a collective lives."""
+    return _DEVICE if _DEVICE is not None else torch.device("cpu")
+
 
 def get_global_rank() -> int:
     """Rank of this process over all nodes (0 when not distributed)."""
@@ -47,7 +54,8 @@ def init_distributed(device: str) -> torch.device:
     """Join (or, for a plain `python launch/train.py`, create) the process group; return this rank's device.
 
     Launchers (deepspeed, torchrun, srun via deepspeed) set RANK/WORLD_SIZE/MASTER_*; without them this is a
-    1-process group on localhost, so the same code path runs everywhere. CPU uses gloo, GPU NCCL.
+    1-process group on localhost, so the same code path runs everywhere. CPU uses gloo, GPU NCCL only (no gloo
+    side group: a CPU tensor in a collective fails at once on one GPU as it would on 64).
     """
     import deepspeed
 
@@ -69,7 +77,9 @@ def init_distributed(device: str) -> torch.device:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return torch.device("cuda", get_local_rank()) if device == "cuda" else torch.device("cpu")
+    global _DEVICE
+    _DEVICE = torch.device("cuda", get_local_rank()) if device == "cuda" else torch.device("cpu")
+    return _DEVICE
 
 
 def barrier() -> None:
@@ -79,15 +89,23 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Collective: sum `tensor` in place over ranks (and return it)."""
-    if dist.is_initialized() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Collective: sum `tensor` in place over ranks (and return it).
+
+    It runs whenever a process group exists, at world size 1 too, so a one-GPU NCCL run meets every rule a
+    64-GPU run does: NCCL takes only tensors on this rank's CUDA device ("No backend type associated with device
+    type cpu" otherwise). The check below says the same on the CPU twin, where gloo would accept anything.
+    """
+    if not dist.is_initialized():
+        return tensor
+    if _DEVICE is not None and tensor.device != _DEVICE:
+        raise RuntimeError(f"all_reduce_sum: tensor on {tensor.device}, collectives need {_DEVICE}")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Collective: every rank's `obj`, in rank order."""
-    if not dist.is_initialized() or get_world_size() == 1:
+    """Collective: every rank's `obj`, in rank order (pickled; NCCL moves it through the current CUDA device)."""
+    if not dist.is_initialized():
         return [obj]
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
@@ -96,7 +114,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def broadcast_object(obj: Any) -> Any:
     """Collective: rank 0's `obj` on every rank (for paths and ids decided once)."""
-    if not dist.is_initialized() or get_world_size() == 1:
+    if not dist.is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -111,13 +129,12 @@ def average_buffers(module: nn.Module) -> None:
     drift on its own data; averaging them before evaluation and saving makes every rank (and the checkpoint,
     which holds rank 0's copy) agree. Integer buffers (num_batches_tracked) are identical already.
     """
-    world = get_world_size()
-    if world == 1 or not dist.is_initialized():
+    if not dist.is_initialized():
         return
+    world = get_world_size()
     for buf in module.buffers():
         if buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(world)
+            all_reduce_sum(buf).div_(world)
 
 
 class _RankFilter(logging.Filter):
@@ -137,3 +154,18 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         log.propagate = False
     log.setLevel(level if is_main_process() else logging.WARNING)
     return log
+
+
+def cpus_per_rank() -> tuple[int, str]:
+    """CPUs this rank may use, and where the number came from (for the log line).
+
+    SLURM_CPUS_PER_TASK is per task already (one task per GPU); otherwise the process's CPU affinity, which the
+    deepspeed launcher leaves at the whole node (unless --bind_cores_to_rank), shared by the node's ranks.
+    """
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or ""
+    local_ranks = int(local) if local.isdigit() else max(1, min(get_world_size(), cpus))
+    return max(1, cpus // local_ranks), f"{cpus} CPUs in affinity / {local_ranks} rank(s) on this node"

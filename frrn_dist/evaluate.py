@@ -1,14 +1,18 @@
 """Official Cityscapes numbers for a trained model: full-resolution scoring, official-format PNGs, pictures.
 
     model at input_hw (e.g. 256x512, eval mode: BN running statistics)
-      -> logits (N, 19, h, w) -> back to the ground truth's size (H, W), two ways, and the report says which:
+      -> logits (N, 19, h, w) -> back to the ground truth's size (H, W), and the report says how:
            "nearest":  argmax at input scale, then nearest upsampling of the label map (what the seed did)
            "bilinear": bilinear upsampling of the logits, then argmax (smoother borders, usually a bit higher)
+           views (--scales, --flip; frrn_dist.tta): every view's logits bilinearly to (H, W), softmax, mean, argmax
       -> CityscapesMetrics over the whole split, all-reduced over ranks (every sample exactly once)
-      -> rank 0: tables, metrics.json, confusion.png, class_iou.png; every rank: its own <key>_pred.png files
+      -> rank 0: tables, metrics.json (with the views, seconds per image, peak memory), confusion.png,
+         class_iou.png; every rank: its own <key>_pred.png files (from the averaged result)
 
-Data comes from the shards (the loaders' "eval" recipe) or straight from a Cityscapes folder (leftImg8bit and
-gtFine labelIds + instanceIds), downscaled the same way: Lanczos for the image, majority vote for the labels.
+Data comes from the shards (the loaders' "eval" recipe) or straight from a Cityscapes folder
+(frrn_dist.data.cityscapes_folder), downscaled the same way: Lanczos for the image, majority vote for the labels.
+
+May import: distributed, data, export, metrics, tta, visualize; never train or the launchers.
 """
 
 from __future__ import annotations
@@ -18,72 +22,27 @@ import logging
 import math
 import os
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from frrn_dist import distributed as dist
-from frrn_dist.data.labels import ID_TO_TRAIN, TRAIN_TO_ID
-from frrn_dist.data.recipes import Batch, finish_batch
+from frrn_dist.data.cityscapes_folder import cityscapes_batches, cityscapes_files
+from frrn_dist.data.labels import TRAIN_TO_ID
 from frrn_dist.export import load_model, resolve_checkpoint
 from frrn_dist.metrics import CityscapesMetrics, format_table
+from frrn_dist.tta import Views, choose_resize, make_views, peak_memory, reset_peak_memory, resize_note, synchronize
+from frrn_dist.tta import predict as predict_views
 from frrn_dist.visualize import plot_class_iou, plot_confusion
 
 log = logging.getLogger("frrn_dist")
-RESIZE_MODES = ("nearest", "bilinear")
-RESIZE_NOTES = {
-    "nearest": "argmax at input scale, label map upsampled to ground-truth size by nearest neighbour",
-    "bilinear": "logits upsampled to ground-truth size bilinearly (align_corners=False), then argmax",
-}
-
-
-class InputError(ValueError):
-    """An input file or folder that cannot be used (missing, empty, undecodable, too large); names the path."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading and writing images
-
-
-def open_image(path: str | Path, *, max_pixels: int | None = None) -> Image.Image:
-    """Open an image safely: refuses files over `max_pixels` (default Pillow's MAX_IMAGE_PIXELS, a guard against
-    decompression bombs: a few-KB PNG can claim 100k x 100k pixels) before decoding a single pixel."""
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its limit and raises above; we refuse both, with our own message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{path}: too large to decode safely ({e}); raise the limit only for trusted files") from e
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such file") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from e
-    if limit is not None and im.width * im.height > limit:
-        raise InputError(
-            f"{path}: {im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {limit} "
-            "(decompression-bomb guard); raise it with --max-image-pixels only for trusted files"
-        )
-    return im
-
-
-def read_array(path: str | Path, *, mode: str | None = None, max_pixels: int | None = None) -> np.ndarray:
-    """Decode fully (catching truncated files here, not in the middle of a batch); optionally convert the mode."""
-    im = open_image(path, max_pixels=max_pixels)
-    try:
-        im.load()
-        if mode is not None and im.mode != mode:
-            im = im.convert(mode)
-        return np.array(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from e
+# writing predictions
 
 
 def write_png(array: np.ndarray, path: str | Path) -> Path:
@@ -100,140 +59,6 @@ def write_label_ids(train_ids: np.ndarray, path: str | Path) -> Path:
     return write_png(TRAIN_TO_ID[np.asarray(train_ids, np.int64)], path)
 
 
-def downscale_image(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8, exactly as the loaders shrink frames (anti-aliased Lanczos, edges
-    replicated like DALI), so a Cityscapes folder and its shards give the network the same pixels."""
-    from frrn_dist.data.fallback import lanczos_downscale
-
-    if rgb.shape[:2] == tuple(hw):
-        return rgb
-    return np.array(lanczos_downscale(rgb, tuple(hw)))  # a writable copy: torch.from_numpy warns on read-only
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# predictions at ground-truth resolution
-
-
-def to_full_resolution(logits: torch.Tensor, full_hw: tuple[int, int], resize: str) -> torch.Tensor:
-    """(N, C, h, w) logits -> (N, H, W) int64 train ids at the ground truth's size."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
-    if tuple(logits.shape[-2:]) == tuple(full_hw):
-        return logits.argmax(1)
-    if resize == "nearest":
-        # "nearest-exact" samples at pixel centres; for an integer factor f it maps output o to input o // f, the
-        # cell the loader shrank (plain "nearest" drifts by half a pixel for non-integer factors)
-        pred = logits.argmax(1, keepdim=True).to(torch.uint8)
-        return F.interpolate(pred, size=tuple(full_hw), mode="nearest-exact")[:, 0].long()
-    # one image at a time: 19 x 1024 x 2048 float32 logits are 160 MB each
-    return torch.cat(
-        [
-            F.interpolate(x[None].float(), size=tuple(full_hw), mode="bilinear", align_corners=False).argmax(1)
-            for x in logits
-        ]
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# a Cityscapes folder as a source of evaluation batches (no shards needed)
-
-
-def cityscapes_files(root: str | Path, split: str) -> list[tuple[str, Path, Path, Path | None]]:
-    """(key, leftImg8bit, gtFine labelIds, gtFine instanceIds or None) for every frame of a split, sorted."""
-    root = Path(root)
-    image_dir = root / "leftImg8bit" / split
-    if not image_dir.is_dir():
-        raise InputError(f"{image_dir}: missing (a Cityscapes folder has leftImg8bit/{split}/<city>/)")
-    out = []
-    for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
-        key = image.name[: -len("_leftImg8bit.png")]
-        gt = root / "gtFine" / split / image.parent.name / f"{key}_gtFine_labelIds.png"
-        if not gt.is_file():
-            raise InputError(f"{gt}: missing, the ground truth of {image}")
-        inst = gt.with_name(f"{key}_gtFine_instanceIds.png")
-        out.append((key, image, gt, inst if inst.is_file() else None))
-    if not out:
-        raise InputError(f"{image_dir}: no *_leftImg8bit.png files")
-    with_instances = sum(f[3] is not None for f in out)
-    if 0 < with_instances < len(out):
-        missing = next(f[2] for f in out if f[3] is None)
-        raise InputError(
-            f"{missing}: has no *_gtFine_instanceIds.png beside it, while other frames do (iIoU needs all)"
-        )
-    return out
-
-
-class _CityscapesFrames(torch.utils.data.Dataset):
-    def __init__(self, files, input_hw: tuple[int, int]):
-        self.files, self.input_hw = files, input_hw
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        # a worker's exception reaches the main process wrapped in a multi-line traceback; hand the one-line
-        # message over as data instead and raise it there
-        try:
-            return self._read(i)
-        except InputError as e:
-            return str(e)
-
-    def _read(self, i: int):
-        key, image_path, gt_path, inst_path = self.files[i]
-        rgb = read_array(image_path, mode="RGB")
-        label_ids = read_array(gt_path)
-        if label_ids.ndim != 2 or label_ids.shape != rgb.shape[:2]:
-            raise InputError(f"{gt_path}: {label_ids.shape} label map does not match its image {rgb.shape[:2]}")
-        h, w = self.input_hw
-        H, W = label_ids.shape
-        if H % h or W % w or H // h != W // w:
-            raise InputError(f"{image_path}: {H}x{W} is not an integer multiple of input_hw {h}x{w}")
-        train_ids = ID_TO_TRAIN[label_ids]
-        inst = None
-        if inst_path is not None:
-            inst = read_array(inst_path).astype(np.int32)
-            if inst.shape != label_ids.shape:
-                raise InputError(f"{inst_path}: {inst.shape} does not match {gt_path} {label_ids.shape}")
-        return key, downscale_image(rgb, (h, w)), train_ids, inst
-
-
-def _collate(samples):
-    errors = [s for s in samples if isinstance(s, str)]
-    if errors:
-        return errors[0]
-    keys = [s[0] for s in samples]
-    images = torch.from_numpy(np.stack([s[1] for s in samples]))
-    full_labels = torch.from_numpy(np.stack([s[2] for s in samples]))
-    instances = None if samples[0][3] is None else torch.from_numpy(np.stack([s[3] for s in samples]))
-    return keys, images, full_labels, instances
-
-
-def cityscapes_batches(
-    files: list, *, input_hw: tuple[int, int], micro_batch_size: int, rank: int, world_size: int, num_workers: int = 2
-) -> tuple[Iterator[Batch], int]:
-    """(batches, number of batches) of this rank's contiguous slice [r*N/S, (r+1)*N/S) (like DALI's sharding):
-    every frame exactly once over all ranks, nothing padded."""
-    n = len(files)
-    mine = files[rank * n // world_size : (rank + 1) * n // world_size]
-    loader = torch.utils.data.DataLoader(
-        _CityscapesFrames(mine, tuple(input_hw)), batch_size=micro_batch_size, collate_fn=_collate,
-        num_workers=min(num_workers, len(mine)),
-    )  # fmt: skip
-    h, w = input_hw
-
-    def batches() -> Iterator[Batch]:
-        for item in loader:
-            if isinstance(item, str):
-                raise InputError(item)
-            keys, images, full_labels, instances = item
-            factor = full_labels.shape[-2] // h
-            # finish_batch: the loaders' own majority-vote label at input scale (only used for a training-scale check)
-            x, y = finish_batch(images, full_labels.to(torch.uint8), None, factor=factor)
-            yield Batch(x, y, keys, full_labels.long(), instances)
-
-    return batches(), len(loader)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -243,15 +68,18 @@ def evaluate_batches(
     model: torch.nn.Module,
     batches,
     *,
+    views: Views | None = None,
     resize: str = "nearest",
     write_predictions: str | Path | None = None,
     num_batches: int | None = None,
     progress: bool = True,
-) -> CityscapesMetrics:
+) -> tuple[CityscapesMetrics, dict[str, Any]]:
     """Collective: run `model` (eval mode) over this rank's batches, score at full resolution, all-reduce.
 
-    Batches need .images (N, 3, h, w), .keys, .full_labels (N, H, W) and, for iIoU, .full_instances. With
+    Batches need .images (N, 3, h, w), .keys, .full_labels (N, H, W) and, for iIoU, .full_instances. `views`
+    (frrn_dist.tta; None = the batch as it is, one view) are averaged at the ground truth's size. With
     `write_predictions`, each rank writes `<key>_pred.png` (label ids at ground-truth size) for its own samples.
+    Returns the all-reduced metrics and what scoring cost, over all ranks (cost_summary).
     """
     from tqdm import tqdm
 
@@ -264,6 +92,8 @@ def evaluate_batches(
     bar = tqdm(
         batches, total=num_batches, desc="evaluate", unit="batch", disable=not (progress and dist.is_main_process())
     )
+    reset_peak_memory(device)
+    loop_start, model_seconds, num_images = time.perf_counter(), 0.0, 0
     for batch in bar:
         if len(batch.images) == 0:  # a rank's last eval batch may be empty: padding never repeats a sample
             continue
@@ -271,17 +101,42 @@ def evaluate_batches(
             raise ValueError(
                 "evaluate: batches carry no full-resolution labels (build the loader with full_res_targets)"
             )
-        logits = model(batch.images.to(device)).float()
+        images = batch.images.to(device)
         full = batch.full_labels.to(device)
-        pred = to_full_resolution(logits, tuple(full.shape[-2:]), resize)
+        if views is None:
+            views = make_views(None, False, tuple(images.shape[-2:]), model.size_multiple)
+        synchronize(device)
+        t = time.perf_counter()
+        pred = predict_views(model, images, views, tuple(full.shape[-2:]), resize)
+        synchronize(device)
+        model_seconds += time.perf_counter() - t
+        num_images += len(images)
         inst = None if batch.full_instances is None else batch.full_instances.to(device)
         metrics.update(pred, full, inst)
         if out_dir is not None:
             for key, p in zip(batch.keys, pred.to(torch.uint8).cpu().numpy()):
                 write_label_ids(p, out_dir / f"{key}_pred.png")
+    loop_seconds = time.perf_counter() - loop_start
     # collective: every rank, also one whose slice was empty
     metrics.all_reduce()
-    return metrics
+    memory_bytes, memory_kind = peak_memory(device)
+    return metrics, cost_summary(
+        dist.all_gather_object((num_images, loop_seconds, model_seconds, memory_bytes)), memory_kind
+    )
+
+
+def cost_summary(per_rank: list[tuple[int, float, float, int]], memory_kind: str) -> dict[str, Any]:
+    """Every rank's (images, loop seconds, model seconds, peak bytes) -> seconds per image on one rank (rank
+    seconds summed over ranks / images: comparable across rank counts) and the largest peak of any rank."""
+    images = max(1, sum(r[0] for r in per_rank))
+    peak = max(r[3] for r in per_rank)
+    return {
+        "seconds_per_image": round(sum(r[1] for r in per_rank) / images, 4),  # decode, views, scoring, writing
+        "model_seconds_per_image": round(sum(r[2] for r in per_rank) / images, 4),  # views and their average
+        "peak_memory_bytes": peak,
+        "peak_memory_mib": round(peak / 2**20, 1),
+        "peak_memory": memory_kind + ", the largest rank's",
+    }
 
 
 def _json_safe(value: Any) -> Any:
@@ -329,7 +184,9 @@ def run_evaluation(
     cityscapes: str | Path | None = None,
     split: str = "val",
     input_hw: tuple[int, int] | None = None,
-    resize: str = "nearest",
+    resize: str | None = None,
+    scales: str | tuple[float, ...] | None = None,
+    flip: bool = False,
     write_predictions: str | Path | None = None,
     out: str | Path | None = None,
     micro_batch_size: int = 1,
@@ -339,13 +196,12 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Collective when distributed: evaluate a checkpoint on a split of shards or of a Cityscapes folder.
 
-    Every rank returns the same results dict; rank 0 prints the tables and writes the report into `out`.
+    `scales` (factors of input_hw, or their text "0.75,1.0") and `flip` make test-time augmentation views
+    (frrn_dist.tta); resize None is "bilinear" when views are asked for, else "nearest". Every rank returns the
+    same results dict; rank 0 prints the tables and writes the report into `out`.
     """
     if (shards is None) == (cityscapes is None):
         raise ValueError("evaluate: give exactly one data source, shards or cityscapes")
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
-    rank, world_size = dist.get_global_rank(), dist.get_world_size()
     torch_device = torch.device("cuda", dist.get_local_rank()) if device == "cuda" else torch.device("cpu")
     weights = resolve_checkpoint(checkpoint)
     model, meta = load_model(weights, torch_device)
@@ -354,8 +210,56 @@ def run_evaluation(
         raise ValueError(
             f"input_hw {input_hw[0]}x{input_hw[1]}: FRRN-{meta['arch']} needs multiples of {model.size_multiple}"
         )
+    views = make_views(scales, flip, input_hw, model.size_multiple)
+    # asking for views (even --scales 1.0) means their bilinear average; without, the seed's nearest stays default
+    resize = choose_resize(resize, views, "bilinear" if scales or flip else "nearest")
+    if dist.is_main_process():
+        print(f"evaluate: {views.describe()}; {resize_note(resize, views)}")
 
     start = time.time()
+    batches, num_batches, expected, source = _open_split(
+        shards, cityscapes, split, input_hw=input_hw, micro_batch_size=micro_batch_size, backend=backend,
+        device=device, num_workers=num_workers,
+    )  # fmt: skip
+    metrics, cost = evaluate_batches(
+        model, batches, views=views, resize=resize, write_predictions=write_predictions, num_batches=num_batches
+    )
+    results = metrics.compute()
+    if results["images"] != expected:
+        # torchvision's check: padded or duplicated samples would bias every score
+        raise ValueError(
+            f"evaluate: {results['images']} images scored over {dist.get_world_size()} rank(s), but {source} split "
+            f"{split!r} has {expected}: samples were padded, repeated or dropped"
+        )
+    results = {
+        "checkpoint": str(weights),
+        "arch": meta["arch"],
+        "step": meta.get("step"),
+        "source": source,
+        "split": split,
+        "input_hw": list(input_hw),
+        "resize": resize,
+        "resize_note": resize_note(resize, views),
+        "views": views.as_dict(),
+        "ranks": dist.get_world_size(),
+        "seconds": round(time.time() - start, 2),
+        **cost,
+        **results,
+    }
+    if dist.is_main_process():
+        out_dir = Path(out) if out is not None else default_out_dir(weights, split)
+        name = f"FRRN-{meta['arch']}" + (f" step {meta['step']}" if meta.get("step") is not None else "")
+        paths = write_report(results, out_dir, title=f"{name}, {split}")
+        _print_report(results, views, paths, write_predictions, cityscapes)
+    dist.barrier()
+    return results
+
+
+def _open_split(
+    shards, cityscapes, split: str, *, input_hw, micro_batch_size: int, backend: str, device: str, num_workers: int
+) -> tuple[Any, int, int, str]:
+    """(batches, number of this rank's batches, frames in the split, source) from shards or a Cityscapes folder."""
+    rank, world_size = dist.get_global_rank(), dist.get_world_size()
     if shards is not None:
         from frrn_dist.data.loaders import build_loader
         from frrn_dist.data.manifest import split_info
@@ -367,66 +271,33 @@ def run_evaluation(
             device_id=dist.get_local_rank() if device == "cuda" else None, full_res_targets=True,
             num_threads=max(1, num_workers) if backend == "dali" else num_workers,  # DALI threads | DataLoader workers
         )  # fmt: skip
-        batches, num_batches, source = loader, len(loader), str(shards)
-    else:
-        files = cityscapes_files(cityscapes, split)
-        expected = len(files)
-        batches, num_batches = cityscapes_batches(
-            files, input_hw=input_hw, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
-            num_workers=num_workers,
-        )  # fmt: skip
-        source = str(cityscapes)
-    metrics = evaluate_batches(
-        model, batches, resize=resize, write_predictions=write_predictions, num_batches=num_batches
+        return loader, len(loader), expected, str(shards)
+    files = cityscapes_files(cityscapes, split)
+    batches, num_batches = cityscapes_batches(
+        files, input_hw=input_hw, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+        num_workers=num_workers,
+    )  # fmt: skip
+    return batches, num_batches, len(files), str(cityscapes)
+
+
+def _print_report(results: dict, views: Views, paths: dict, write_predictions, cityscapes) -> None:
+    split, (h, w) = results["split"], results["input_hw"]
+    print(format_table(results))
+    iiou = f", iIoU {results['iiou']:.3f}" if "iiou" in results else " (no instance maps: no iIoU)"
+    print(
+        f"{split}: mIoU {results['miou']:.3f}{iiou}, category mIoU {results['category_miou']:.3f} over "
+        f"{results['images']} images; model input {h}x{w}, {results['resize_note']}"
     )
-    results = metrics.compute()
-    if results["images"] != expected:
-        # torchvision's check: padded or duplicated samples would bias every score
-        raise ValueError(
-            f"evaluate: {results['images']} images scored over {world_size} rank(s), but {source} split {split!r} "
-            f"has {expected}: samples were padded, repeated or dropped"
-        )
-    results = {
-        "checkpoint": str(weights),
-        "arch": meta["arch"],
-        "step": meta.get("step"),
-        "source": source,
-        "split": split,
-        "input_hw": list(input_hw),
-        "resize": resize,
-        "resize_note": RESIZE_NOTES[resize],
-        "ranks": world_size,
-        "seconds": round(time.time() - start, 2),
-        **results,
-    }
-    if dist.is_main_process():
-        out_dir = Path(out) if out is not None else default_out_dir(weights, split)
-        name = f"FRRN-{meta['arch']}" + (f" step {meta['step']}" if meta.get("step") is not None else "")
-        paths = write_report(results, out_dir, title=f"{name}, {split}")
-        print(format_table(results))
-        iiou = f", iIoU {results['iiou']:.3f}" if "iiou" in results else " (no instance maps: no iIoU)"
-        print(
-            f"{split}: mIoU {results['miou']:.3f}{iiou}, category mIoU {results['category_miou']:.3f} over "
-            f"{results['images']} images; model input {input_hw[0]}x{input_hw[1]}, {RESIZE_NOTES[resize]}"
-        )
-        print(f"wrote {paths['metrics']}, {paths['confusion'].name}, {paths['class_iou'].name}")
-        if write_predictions is not None:
-            gt = cityscapes or "CITYSCAPES_ROOT"
-            command = f"python -m frrn_dist.metrics --predictions {write_predictions} --cityscapes {gt} --split {split}"
-            print(f"official-format predictions in {write_predictions}; cityscapesScripts scores them: `{command}`")
-    dist.barrier()
-    return results
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    """'256x512' -> (256, 512), i.e. (height, width); ValueError naming the text otherwise."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-        if h > 0 and w > 0:
-            return h, w
-    except ValueError:
-        pass
-    raise ValueError(f"{text!r} is not HxW (e.g. 256x512)")
+    print(
+        f"{views.describe()}; {results['seconds_per_image']:.3f} s/image on one rank "
+        f"({results['model_seconds_per_image']:.3f} s in the model and averaging), peak memory "
+        f"{results['peak_memory_mib']:.0f} MiB; {results['peak_memory']}"
+    )
+    print(f"wrote {paths['metrics']}, {paths['confusion'].name}, {paths['class_iou'].name}")
+    if write_predictions is not None:
+        gt = cityscapes or "CITYSCAPES_ROOT"
+        command = f"python -m frrn_dist.metrics --predictions {write_predictions} --cityscapes {gt} --split {split}"
+        print(f"official-format predictions in {write_predictions}; cityscapesScripts scores them: `{command}`")
 
 
 def data_defaults(checkpoint: str | Path, config: str | Path | None = None) -> dict[str, Any]:
@@ -454,7 +325,9 @@ def main(
     cityscapes: str | None = None,
     split: str | None = None,
     input_hw: tuple[int, int] | None = None,
-    resize: str = "nearest",
+    resize: str | None = None,
+    scales: str | tuple[float, ...] | None = None,
+    flip: bool = False,
     write_predictions: str | None = None,
     out: str | None = None,
     micro_batch_size: int = 1,
@@ -474,6 +347,6 @@ def main(
     dist.setup_logging()
     return run_evaluation(
         checkpoint, shards=shards, cityscapes=cityscapes, split=split or "val", input_hw=input_hw, resize=resize,
-        write_predictions=write_predictions, out=out, micro_batch_size=micro_batch_size, backend=backend or "dali",
-        device=device, num_workers=num_workers,
+        scales=scales, flip=flip, write_predictions=write_predictions, out=out, micro_batch_size=micro_batch_size,
+        backend=backend or "dali", device=device, num_workers=num_workers,
     )  # fmt: skip

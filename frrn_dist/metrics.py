@@ -29,7 +29,7 @@ from frrn_dist.data.labels import (
     NUM_CLASSES,
     TRAIN_TO_CATEGORY,
 )
-from frrn_dist.distributed import all_reduce_sum
+from frrn_dist.distributed import all_reduce_sum, compute_device
 
 NUM_CATEGORIES = len(CATEGORY_NAMES)
 VOID_COLUMN = NUM_CLASSES  # predictions outside 0..18 land here: a miss for the true class, no FP for anyone
@@ -134,11 +134,8 @@ class CityscapesMetrics:
 
     def all_reduce(self) -> None:
         """Collective: sum the state over ranks. Call on every rank (also one that saw no batch) before compute()."""
-        if self.confusion is None:  # this rank saw no data: contribute zeros on the backend's device
-            backend_device = "cpu"
-            if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-                backend_device = torch.device("cuda", torch.cuda.current_device())
-            self._state_on(torch.device(backend_device))
+        if self.confusion is None:  # this rank saw no data: contribute zeros on the collectives' device
+            self._state_on(compute_device())
         all_reduce_sum(self.confusion)
         all_reduce_sum(self.counts)
         all_reduce_sum(self.instance_sums)

@@ -4,6 +4,8 @@ An image of any size meets a network that takes H, W multiples of 16 (A) or 32 (
   fit="resize" (default): Lanczos-resize to the model's input_hw (the scale it was trained at), predict, bring the
                           prediction back to the original size (bilinear on logits, or nearest on labels);
   fit="pad":              keep the image's own scale, reflect-pad to the next multiple, predict, crop the pad off.
+With fit="resize", --scales and --flip add test-time augmentation views (frrn_dist.tta): each view's logits go
+bilinearly to the image's own size, softmax, mean over the views, argmax.
 Outputs per image, in the original size: <stem>_labelIds.png (8-bit label ids, the official format),
 <stem>_color.png (Cityscapes palette) and <stem>_overlay.png (the palette blended over the image).
 """
@@ -11,6 +13,7 @@ Outputs per image, in the original size: <stem>_labelIds.png (8-bit label ids, t
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from frrn_dist.data.cityscapes_folder import InputError, downscale_image, read_array
 from frrn_dist.data.labels import colorize_train_ids
-from frrn_dist.evaluate import InputError, downscale_image, read_array, to_full_resolution, write_label_ids, write_png
+from frrn_dist.evaluate import write_label_ids, write_png
+from frrn_dist.tta import Views, choose_resize, make_views, peak_memory, reset_peak_memory
+from frrn_dist.tta import predict as predict_views
 from frrn_dist.visualize import overlay
 
 log = logging.getLogger("frrn_dist")
@@ -49,8 +55,10 @@ def segment(
     input_hw: tuple[int, int],
     fit: str = "resize",
     resize: str = "bilinear",
+    views: Views | None = None,
 ) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids at the image's own size."""
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids at the image's own size; `views` (fit="resize" only; None =
+    input_hw alone) are averaged at that size."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit={fit!r}: expected one of {FIT_MODES}")
     device = next(model.parameters()).device
@@ -58,8 +66,10 @@ def segment(
     H, W = rgb.shape[:2]
     if fit == "resize":
         x = torch.from_numpy(downscale_image(rgb, input_hw)).permute(2, 0, 1)[None].float().div(255)
-        logits = model(x.to(device)).float()
-        return to_full_resolution(logits, (H, W), resize)[0].to(torch.uint8).cpu().numpy()
+        views = views or make_views(None, False, input_hw, model.size_multiple)
+        return predict_views(model, x.to(device), views, (H, W), resize)[0].to(torch.uint8).cpu().numpy()
+    if views is not None and (len(views) > 1 or views.scales != (1.0,)):
+        raise ValueError("fit=pad predicts at the image's own scale: --scales and --flip need --fit resize")
     m = model.size_multiple
     pad_h, pad_w = -H % m, -W % m
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255).to(device)
@@ -78,6 +88,7 @@ def predict_files(
     root: str | Path | None = None,
     fit: str = "resize",
     resize: str = "bilinear",
+    views: Views | None = None,
     alpha: float = 0.5,
     max_pixels: int | None = None,
     progress: bool = True,
@@ -104,7 +115,7 @@ def predict_files(
             log.warning(str(e))
             failures.append(str(e))
             continue
-        train_ids = segment(model, rgb, input_hw=input_hw, fit=fit, resize=resize)
+        train_ids = segment(model, rgb, input_hw=input_hw, fit=fit, resize=resize, views=views)
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         written.append(write_label_ids(train_ids, f"{target}_labelIds.png"))
@@ -119,7 +130,9 @@ def main(
     out: str,
     *,
     fit: str = "resize",
-    resize: str = "bilinear",
+    resize: str | None = None,
+    scales: str | tuple[float, ...] | None = None,
+    flip: bool = False,
     input_hw: tuple[int, int] | None = None,
     alpha: float = 0.5,
     device: str = "auto",
@@ -128,6 +141,8 @@ def main(
     """The predict command. Raises InputError (a ValueError) if any image could not be read, after the rest."""
     from frrn_dist.export import load_model
 
+    if fit == "pad" and (scales or flip):
+        raise ValueError("--fit pad predicts at the image's own scale: --scales and --flip need --fit resize")
     files = list_images(input_path)
     if max_image_pixels is not None:
         # Pillow raises on its own beyond 2x its limit, so a higher limit has to be Pillow's too (this process only)
@@ -140,12 +155,29 @@ def main(
         raise ValueError(
             f"input_hw {input_hw[0]}x{input_hw[1]}: FRRN-{meta['arch']} needs multiples of {model.size_multiple}"
         )
+    views = make_views(scales, flip, input_hw, model.size_multiple) if fit == "resize" else None
+    resize = choose_resize(resize, views, "bilinear") if views is not None else "bilinear"
+    if views is not None:
+        print(f"predict: {views.describe()}")
     root = Path(input_path) if Path(input_path).is_dir() else None
+    reset_peak_memory(torch.device(device))
+    start = time.perf_counter()
     written, failures = predict_files(
-        model, files, out, input_hw=input_hw, root=root, fit=fit, resize=resize, alpha=alpha
+        model, files, out, input_hw=input_hw, root=root, fit=fit, resize=resize, views=views, alpha=alpha
     )
-    how = f"resized to {input_hw[0]}x{input_hw[1]} and back ({resize})" if fit == "resize" else "padded, then cropped"
+    seconds = time.perf_counter() - start
+    memory_bytes, memory_kind = peak_memory(torch.device(device))
+    if fit == "pad":
+        how = "padded, then cropped"
+    elif len(views) > 1:
+        how = f"{len(views)} views' probabilities averaged at each image's size"
+    else:
+        how = f"resized to {input_hw[0]}x{input_hw[1]} and back ({resize})"
     print(f"wrote {len(written)} x {{{', '.join(OUTPUT_SUFFIXES)}}} into {out} ({how})")
+    print(
+        f"{seconds / max(1, len(written)):.3f} s/image (read, predict, write), peak memory "
+        f"{memory_bytes / 2**20:.0f} MiB; {memory_kind}"
+    )
     if failures:
         more = f" (and {len(failures) - 1} more, listed above)" if len(failures) > 1 else ""
         raise InputError(f"{failures[0]}{more}; {len(written)} of {len(files)} images written")

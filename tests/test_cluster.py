@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .test_train import BIN, ROOT, _env, _port, run_train, tiny
+from .procs import BIN, ROOT, _env, _port, run_train, tiny
 
 STEPS = 4  # a checkpoint at 2 (kept) and at 4 (the end)
 

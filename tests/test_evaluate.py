@@ -1,14 +1,11 @@
 """The evaluate command: official-format PNGs the official evaluator scores to our numbers, shards vs Cityscapes
-folder, resize modes, defaults from the run, 2 ranks = 1 rank, clear refusals."""
+folder, resize modes, defaults from the run, clear refusals (2 ranks = 1 rank: tests/test_tta.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +13,10 @@ import torch
 from PIL import Image
 
 from frrn_dist.data.labels import TRAIN_TO_ID
-from frrn_dist.evaluate import main, run_evaluation, to_full_resolution
+from frrn_dist.evaluate import main, run_evaluation
 from frrn_dist.metrics import official_main
-from tests.eval_helpers import REPO, make_run, run_cli
+from frrn_dist.tta import to_full_resolution
+from tests.eval_helpers import make_run, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -139,27 +137,5 @@ def test_missing_or_mismatched_checkpoint_and_bad_folder_are_refused(run, synthe
     assert not (run / "eval-test").exists()
 
 
-@pytest.mark.slow
-def test_two_ranks_give_the_same_numbers_as_one(run, shard_dir_png, tmp_path):
-    args = ["--checkpoint", run, "--shards", shard_dir_png, "--backend", "torch", "--workers", "0",
-            "--micro-batch-size", "1", "--resize", "bilinear"]  # fmt: skip
-    run_evaluation(run, shards=shard_dir_png, backend="torch", num_workers=0, out=tmp_path / "one",
-                   write_predictions=tmp_path / "p1", resize="bilinear")  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "launch" / "evaluate.py"), *map(str, args), "--out", str(tmp_path / "two"),
-         "--write-predictions", str(tmp_path / "p2")],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = strict_json(tmp_path / "one" / "metrics.json"), strict_json(tmp_path / "two" / "metrics.json")
-    assert (a["ranks"], b["ranks"]) == (1, 2) and a["resize"] == b["resize"] == "bilinear"
-    assert a["confusion"] == b["confusion"] and a["images"] == b["images"] == 4
-    for key in ("miou", "iiou", "category_miou", "category_iiou_mean"):
-        assert a[key] == pytest.approx(b[key], rel=1e-12), key
-    # each rank wrote its own samples' predictions: together every frame, identical to the 1-rank files
-    names = sorted(p.name for p in (tmp_path / "p1").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "p2").iterdir()) and len(names) == 4
-    for n in names:
-        assert np.array_equal(np.array(Image.open(tmp_path / "p1" / n)), np.array(Image.open(tmp_path / "p2" / n)))
+# 2 ranks = 1 rank: tests/test_tta.py::test_two_ranks_give_the_same_numbers_as_one (with views; the one
+# multi-process evaluation test, covering the same sharding, all-reduce and per-rank prediction files)

@@ -29,7 +29,7 @@ from frrn_dist.data.loaders import build_loader
 from frrn_dist.data.manifest import ShardError, split_files
 from frrn_dist.data.shardindex import read_index
 
-from .test_train import ROOT, _env, run_train, tiny, train_cmd, train_losses
+from .procs import ROOT, _env, run_train, tiny, train_cmd, train_losses
 
 STEPS = 6  # checkpoints at 2, 4 and 6 (the end)
 KILL_SEED = 2024

@@ -257,7 +257,7 @@ def test_eval_labels_are_exact_votes_of_the_shards(shard_dir, backend):
         )  # fmt: skip
         seen = []
         for batch in loader:
-            assert batch.full_labels.dtype == torch.int64 and batch.full_instances.dtype == torch.int32
+            assert batch.full_labels.dtype == torch.uint8 and batch.full_instances.dtype == torch.int32
             for key, label, full, inst in zip(batch.keys, batch.labels, batch.full_labels, batch.full_instances):
                 assert np.array_equal(label.numpy(), reference_vote(truth[key]["label.png"], f))
                 assert np.array_equal(full.numpy(), truth[key]["label.png"])

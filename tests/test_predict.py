@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from frrn_dist.data.cityscapes_folder import InputError, open_image, read_array
 from frrn_dist.data.labels import ID_TO_TRAIN, TRAIN_COLORS, TRAIN_TO_ID
-from frrn_dist.evaluate import InputError, open_image, read_array
 from frrn_dist.export import load_model
 from frrn_dist.predict import list_images, predict_files
 from tests.eval_helpers import INPUT_HW, make_run, run_cli

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import shutil
 import subprocess
@@ -138,6 +139,46 @@ def test_appearance_is_not_a_colour_lookup():
     assert np.mean(ious) < 0.3  # measured ~0.12: shape, texture and context have to do the rest
 
 
+# Regression checksums of the original, single-file implementation (frrn_dist/synthetic.py before issue 14 split it
+# into a package), computed from that code: the split, and any later refactoring, must not change a byte of a frame.
+# (bytes sha256, decoded pixels sha256) per file. The pixels pin the drawing; the bytes also pin the PNG writing
+# (modes, compress levels) and depend on Pillow's zlib too: if only the bytes differ, look at the encoder first.
+# A deliberate change to the drawing bumps GENERATOR and these values together.
+FRAME_SHA256 = {
+    "gtFine/train/aachen/aachen_000000_000019_gtFine_color.png": (
+        "5732208b580ad5447d357c7ceadc066910b3aa4bb807e671bf6c936adafd1025",
+        "a67be93a525d1da8f8e1e219ec227b7ee4d848be2eaeaa02aff77ac10dba55c5",
+    ),
+    "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png": (
+        "3b0e942a9011e6730eed5fe9da01fddd17257c896b4b738ce5b5562cc30323f4",
+        "1ec889166c2bf940ce3304b33db8024885ef9dc7cb29eb575204534ebbf90286",
+    ),
+    "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png": (
+        "b712369165c739dba4d52f4bafcd2b8b97effaca3020aa8024b6722537864a19",
+        "a1764c09958282bd67a4b94f522816c4a48834df7f171bdc3cb11e9bbff8f688",
+    ),
+    "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png": (
+        "bc397d9eac09a4bbc776ebd38b2c8e0b580cc1593b731e17d088919fabf6d46e",
+        "92e093fd2432ae0bdaa7454b8a377291a75fb6b4092c5e7a7a7ab756f403b18d",
+    ),
+}
+MARKER_SHA256 = "8f34f3528125e23d1728b66856e2948e4557d746c1b79c532ae3cc66dfd472d0"
+
+
+def test_small_frame_is_byte_identical_to_the_original_implementation(tmp_path: Path):
+    root = make_dataset(tmp_path / "d", hw=(64, 128), num_train=1, num_val=0, num_train_cities=1, seed=0, workers=1)
+    got = {}
+    for path in sorted(root.rglob("*.png")):
+        pixels = np.asarray(Image.open(path)).tobytes()
+        got[str(path.relative_to(root))] = (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            hashlib.sha256(pixels).hexdigest(),
+        )
+    assert {k: v[1] for k, v in got.items()} == {k: v[1] for k, v in FRAME_SHA256.items()}, "the drawing changed"
+    assert got == FRAME_SHA256, "same pixels, other PNG bytes: the writer (or Pillow's zlib) changed"
+    assert hashlib.sha256((root / "synthetic.json").read_bytes()).hexdigest() == MARKER_SHA256
+
+
 def test_frames_depend_on_seed_split_and_index_only(tmp_path: Path, synthetic_root: Path):
     # 1 worker, fewer frames: the frames that exist in both must be byte-identical to the fixture (2 workers)
     small = make_dataset(tmp_path / "a", hw=(128, 256), num_train=2, num_val=1, num_train_cities=2,
@@ -170,7 +211,7 @@ def test_rerun_is_a_noop_and_foreign_folders_are_refused(tmp_path: Path, capsys)
 
 
 def test_interrupted_run_is_redrawn(tmp_path: Path, monkeypatch):
-    import frrn_dist.synthetic as syn
+    import frrn_dist.synthetic.dataset as syn
 
     kw = dict(hw=(32, 64), num_train=3, num_val=1, num_train_cities=1, workers=1)
     real, calls = syn._write_frame, []

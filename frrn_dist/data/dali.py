@@ -21,6 +21,10 @@ from nvidia.dali import fn, pipeline_def, types
 
 from frrn_dist.data.recipes import Recipe
 
+# fn.decoders.image's defaults in DALI 2.4 (its docstring): nvJPEG's buffer paddings in bytes.
+DALI_DEVICE_MEMORY_PADDING = 16 * 2**20
+DALI_HOST_MEMORY_PADDING = 8 * 2**20
+
 
 @pipeline_def(enable_checkpointing=True)
 def frrn_pipeline(
@@ -67,11 +71,14 @@ def frrn_pipeline(
     if decode_device == "mixed":
         # nvJPEG with buffers sized for full frames up front (no reallocation in the first iterations), and the
         # CPU decoder's chroma upsampling, so GPU and CPU decodes of one JPEG agree.
+        # The paddings never go below DALI's own defaults (16 MiB device, 8 MiB host), which already hold a
+        # 1024x2048 RGB frame (6.3 MB); larger frames get room for one whole decoded frame.
+        frame_bytes = H * W * 3
         hints = dict(
             preallocate_height_hint=H,
             preallocate_width_hint=W,
-            device_memory_padding=H * W * 3,
-            host_memory_padding=H * W * 3,
+            device_memory_padding=max(DALI_DEVICE_MEMORY_PADDING, frame_bytes),
+            host_memory_padding=max(DALI_HOST_MEMORY_PADDING, frame_bytes),
             jpeg_fancy_upsampling=True,
         )
     image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **hints)

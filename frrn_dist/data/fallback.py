@@ -1,5 +1,8 @@
 """The plain-PyTorch loader for machines without DALI: same shards, same recipes, same Batch, same sharding.
 
+Imports: numpy, torch, PIL, frrn_dist.data.{manifest, recipes, shardindex, state}; never loaders.py, which
+imports this (the checkpoint format both share lives in state.py).
+
 It reads the WebDataset tars through their `.idx` files (byte offsets), not through webdataset's sequential
 reader: that one splits work by *tar file* and stalls when there are fewer tars than ranks x workers
 (webdataset#188), while here any rank takes exactly DALI's contiguous sample range, shuffles it fully, and
@@ -23,10 +26,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from frrn_dist.data.loaders import pack_state
 from frrn_dist.data.manifest import ShardError
 from frrn_dist.data.recipes import Batch, Recipe, draw_crops, draw_params, finish_batch
 from frrn_dist.data.shardindex import Sample, shard_range
+from frrn_dist.data.state import pack_state
 
 
 def lanczos_downscale(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -114,7 +117,7 @@ class _BatchDataset(Dataset):
         x, y = finish_batch(images, labels, np.stack(params) if random else None, factor=self.recipe.factor)
         out = dict(images=x, labels=y, keys=keys)
         if self.full_res:
-            out["full_labels"] = labels.long()
+            out["full_labels"] = labels  # uint8, widened only where scored
             if self.instances:
                 out["full_instances"] = (
                     torch.from_numpy(np.stack(instances)) if instances else torch.zeros((0, H, W), dtype=torch.int32)
@@ -164,12 +167,13 @@ class TorchLoader:
         device: str,
         device_id: int | None,
         num_workers: int,
+        shuffle: bool = True,
     ):
         self.recipe, self._setup = recipe, setup
         self._dataset = _BatchDataset(samples, recipe, image_ext, full_res_targets, instances)
         self._num_samples, self._batch_size = len(samples), micro_batch_size
         self._rank, self._world_size, self._seed = rank, world_size, seed
-        self._num_batches, self._drop_last = num_batches, drop_last
+        self._num_batches, self._drop_last, self._shuffle = num_batches, drop_last, shuffle
         self._device = torch.device(device, device_id) if device == "cuda" else torch.device(device)
         self._num_workers = num_workers
         self._epoch = int(position.get("epoch", 0))
@@ -191,7 +195,7 @@ class TorchLoader:
         order = np.arange(lo, hi)
         if self._drop_last:
             rng = np.random.default_rng([self._seed + self._rank, epoch])
-            order = rng.permutation(order)
+            order = rng.permutation(order) if self._shuffle else order
             params, crops = draw_params(rng, len(order), self.recipe), draw_crops(rng, len(order), self.recipe)
         else:
             params = np.zeros((len(order), 4), np.float32)

@@ -1,5 +1,7 @@
 """The Cityscapes label table, taken from cityscapesscripts (never a hand copy), as numpy lookup tables.
 
+Imports: numpy, cityscapesscripts (nothing of frrn_dist: everything else imports this).
+
 Label ids (0..33, as in *_gtFine_labelIds.png) are what the official evaluator reads; train ids (0..18, 255 = ignore)
 are what the network predicts. Every conversion in the project goes through the tables below.
 """

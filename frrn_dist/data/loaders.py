@@ -1,5 +1,8 @@
 """`build_loader`: batches of (images, labels) from the shards, by DALI or by the plain-PyTorch fallback.
 
+Imports: torch, frrn_dist.data.{manifest, recipes, shardindex, state}; inside functions (only the backend in use
+loads) nvidia.dali, PIL, frrn_dist.data.{dali, fallback}. Re-exports LoaderError, ShardError, RecipeError, Batch.
+
     loader = build_loader(shard_dir, "train", backend="dali", recipe="paper", input_hw=(256, 512),
                           micro_batch_size=3, rank=rank, world_size=world_size, seed=0)
     for batch in loader:      # one epoch per `for`; breaking off and starting a new `for` continues that epoch
@@ -16,7 +19,6 @@ collectives need:
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
@@ -25,21 +27,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from frrn_dist.data.manifest import ShardError, split_files, split_info
+from frrn_dist.data.manifest import BACKOFF_S, RETRIES, ShardError, is_url, location, split_files, split_info
 from frrn_dist.data.recipes import Batch, Recipe, RecipeError, finish_batch, make_recipe
 from frrn_dist.data.shardindex import index_split
+from frrn_dist.data.state import LoaderError, pack_state, unpack_state
 
 if TYPE_CHECKING:
     from frrn_dist.data.fallback import TorchLoader
+    from frrn_dist.data.stream import StreamLoader
 
 __all__ = ["Batch", "LoaderError", "ShardError", "RecipeError", "build_loader", "epoch_batches"]
 
-BACKENDS = ("dali", "torch")
-STATE_FORMAT = "frrn-dist-loader/1"
-
-
-class LoaderError(ValueError):
-    """Bad loader arguments, a checkpoint from another setup, or a shard that fails while reading."""
+BACKENDS = ("dali", "torch", "stream")
 
 
 def epoch_batches(num_samples: int, world_size: int, micro_batch_size: int, *, drop_last: bool) -> int:
@@ -67,9 +66,13 @@ def build_loader(
     device_id: int | None = None,
     num_threads: int = 2,
     shuffle_buffer: int = 256,
+    shuffle: bool = True,
     checkpoint: bytes | None = None,
     full_res_targets: bool = False,
-) -> DaliLoader | TorchLoader:
+    retries: int = RETRIES,
+    retry_backoff_s: float = BACKOFF_S,
+    on_error: str = "stop",
+) -> DaliLoader | TorchLoader | StreamLoader:
     """A loader over `split` of a shard folder; see the module docstring for the contract.
 
     recipe: "paper" (whole frames downscaled by an integer factor, translation, gamma), "seed" (random (2h, 2w)
@@ -77,7 +80,11 @@ def build_loader(
     seed: base seed; rank r draws its augmentation from seed + r. device: "cpu" or "cuda" (DALI then decodes
     JPEG on GPU device_id, default the current CUDA device). num_threads: DALI threads, or fallback DataLoader
     workers (0 = in this process). full_res_targets: also return the source-resolution labels (and the
-    instanceIds if the split has them); whole-frame recipes only.
+    instanceIds if the split has them); whole-frame recipes only. shuffle=False reads every rank's slice in
+    order in training too (exact comparisons between runs; evaluation never shuffles).
+    backend="stream" (frrn_dist.data.stream) also reads a URL (http(s)://, s3://, gs://, pipe:...{}) with
+    num_threads DataLoader workers, retrying transient failures `retries` times (waits from retry_backoff_s,
+    doubling); on_error="skip" leaves out (and counts) samples it cannot read instead of stopping.
     """
     if backend not in BACKENDS:
         raise LoaderError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -92,11 +99,18 @@ def build_loader(
     if num_threads < (1 if backend == "dali" else 0):
         raise LoaderError(f"num_threads={num_threads}: DALI needs at least 1")
 
+    if backend != "stream" and is_url(shard_dir):
+        raise LoaderError(
+            f"{shard_dir}: backend={backend!r} needs files (local or on a shared filesystem); to train from a URL "
+            "use data.backend=stream"
+        )
+    if backend != "stream" and on_error != "stop":
+        raise LoaderError(f"on_error={on_error!r}: only backend='stream' can skip unreadable samples")
     info = split_info(shard_dir, split)
     components = info.get("components", [])
     image_ext = next((e for e in ("jpg", "png") if e in components), None)
     if image_ext is None:
-        raise ShardError(f"{Path(shard_dir) / 'manifest.json'}: split {split!r} lists no jpg or png image component")
+        raise ShardError(f"{location(shard_dir, 'manifest.json')}: split {split!r} lists no jpg or png image component")
     plan = make_recipe(
         recipe,
         source_hw=(info["height"], info["width"]),
@@ -108,13 +122,15 @@ def build_loader(
     if full_res_targets and plan.region_hw != plan.source_hw:
         raise LoaderError(f"full_res_targets=True needs a whole-frame recipe ('paper' or 'eval'), not {recipe!r}")
     instances = full_res_targets and "instance.png" in components
-    samples = index_split(shard_dir, split, [image_ext, "label.png", "json"] + (["instance.png"] if instances else []))
+    needed = [image_ext, "label.png", "json"] + (["instance.png"] if instances else [])
+    samples = index_split(shard_dir, split, needed) if backend != "stream" else None  # stream: no .idx up front
+    num_samples = len(samples) if samples is not None else info["num_samples"]
 
     drop_last = recipe != "eval"
-    num_batches = epoch_batches(len(samples), world_size, micro_batch_size, drop_last=drop_last)
-    if num_batches == 0 or len(samples) < world_size:
+    num_batches = epoch_batches(num_samples, world_size, micro_batch_size, drop_last=drop_last)
+    if num_batches == 0 or num_samples < world_size:
         raise LoaderError(
-            f"{shard_dir}: split {split!r} has {len(samples)} samples, too few for {world_size} rank(s) x "
+            f"{shard_dir}: split {split!r} has {num_samples} samples, too few for {world_size} rank(s) x "
             f"micro_batch_size {micro_batch_size} (each rank needs a sample, in training a full batch)"
         )
     if device == "cuda":
@@ -128,7 +144,7 @@ def build_loader(
         split=split,
         recipe=plan.name,
         input_hw=list(plan.input_hw),
-        num_samples=len(samples),
+        num_samples=num_samples,
         micro_batch_size=micro_batch_size,
         rank=rank,
         world_size=world_size,
@@ -137,13 +153,16 @@ def build_loader(
         gamma_z=plan.gamma_z,
         flip=plan.flip,
         full_res_targets=full_res_targets,
+        shuffle=shuffle and drop_last,
     )
     if backend == "dali":
         import nvidia.dali
 
         # A DALI checkpoint restores only into the same graph (the shuffle buffer is part of it) and version.
         setup.update(shuffle_buffer=shuffle_buffer, dali=nvidia.dali.__version__)
-    position, payload = _unpack_state(checkpoint, setup) if checkpoint is not None else ({}, None)
+    if backend == "stream":  # the plan depends on these too (frrn_dist.data.stream)
+        setup.update(shuffle_buffer=shuffle_buffer, workers=max(1, min(num_threads, num_batches)), stream=1)
+    position, payload = unpack_state(checkpoint, setup) if checkpoint is not None else ({}, None)
     common = dict(
         recipe=plan,
         image_ext=image_ext,
@@ -161,7 +180,22 @@ def build_loader(
     if backend == "torch":
         from frrn_dist.data.fallback import TorchLoader
 
-        return TorchLoader(**common, samples=samples, device=device, device_id=device_id, num_workers=num_threads)
+        return TorchLoader(
+            **common,
+            samples=samples,
+            device=device,
+            device_id=device_id,
+            num_workers=num_threads,
+            shuffle=setup["shuffle"],
+        )
+    if backend == "stream":
+        from frrn_dist.data.stream import StreamLoader
+
+        return StreamLoader(
+            **common, shard_dir=shard_dir, shards=info["shards"], shuffle=setup["shuffle"], device=device,
+            device_id=device_id, num_workers=num_threads, shuffle_buffer=shuffle_buffer, retries=retries,
+            retry_backoff_s=retry_backoff_s, on_error=on_error,
+        )  # fmt: skip
     tars, idxs = split_files(shard_dir, split)
     return DaliLoader(
         **common,
@@ -171,35 +205,10 @@ def build_loader(
         device_id=device_id,
         num_threads=num_threads,
         shuffle_buffer=shuffle_buffer,
+        shuffle=setup["shuffle"],
         dali_checkpoint=payload,
         what=f"{Path(shard_dir)}/{split}",
     )
-
-
-def pack_state(setup: dict, position: dict, payload: bytes | None = None) -> bytes:
-    """A loader checkpoint: the setup it belongs to, its place in the epoch, and the backend's own bytes."""
-    doc = dict(format=STATE_FORMAT, setup=setup, position=position)
-    if payload is not None:
-        doc["payload"] = base64.b64encode(payload).decode("ascii")
-    return json.dumps(doc).encode()
-
-
-def _unpack_state(blob: bytes, setup: dict) -> tuple[dict, bytes | None]:
-    try:
-        doc = json.loads(bytes(blob))
-        ok = doc.get("format") == STATE_FORMAT and isinstance(doc.get("setup"), dict)
-    except (TypeError, ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise LoaderError(f"checkpoint: not a loader state ({STATE_FORMAT}); pass the bytes from loader.state()")
-    for key, value in setup.items():
-        if doc["setup"].get(key) != value:
-            raise LoaderError(
-                f"checkpoint: saved with {key}={doc['setup'].get(key)!r}, this loader has {key}={value!r} "
-                "(a loader resumes only with the same data, recipe, batch size, rank and world size)"
-            )
-    payload = base64.b64decode(doc["payload"]) if "payload" in doc else None
-    return doc.get("position", {}), payload
 
 
 class DaliLoader:
@@ -224,6 +233,7 @@ class DaliLoader:
         device_id: int | None,
         num_threads: int,
         shuffle_buffer: int,
+        shuffle: bool,
         tars: list[str],
         idxs: list[str],
         dali_checkpoint: bytes | None,
@@ -245,7 +255,7 @@ class DaliLoader:
             recipe=recipe,
             shard_id=rank,
             num_shards=world_size,
-            shuffle=drop_last,
+            shuffle=shuffle,
             shuffle_buffer=shuffle_buffer,
             decode_device="mixed" if device == "cuda" else "cpu",
             instances=instances,
@@ -324,7 +334,7 @@ class DaliLoader:
         keys = [json.loads(bytes(m.numpy()).rstrip(b"\0"))["key"] for m in out["meta"]]
         batch = Batch(images=images, labels=small, keys=keys)
         if self._full_res:
-            batch.full_labels = labels.long()
+            batch.full_labels = labels  # uint8: a 1024x2048 frame is 2 MB, not 16 MB as int64
             if "instance" in out:
                 batch.full_instances = out["instance"][..., 0].int()
         return batch

@@ -43,7 +43,7 @@ class Batch:
     """One micro-batch on the loader's device.
 
     images: float32 (N, 3, h, w), RGB in [0, 1]; labels: int64 (N, h, w), train ids, 255 = ignore;
-    keys: sample keys `<city>_<seq>_<frame>`; full_labels: int64 (N, H, W) and full_instances: int32 (N, H, W)
+    keys: sample keys `<city>_<seq>_<frame>`; full_labels: uint8 (N, H, W) and full_instances: int32 (N, H, W)
     at source resolution, only when the loader was built with `full_res_targets=True`.
     In evaluation the last batch of a rank can be short, even empty (N = 0): padding never repeats a sample.
     """
@@ -211,11 +211,15 @@ def finish_batch(
     *,
     factor: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything after the image downscale, on images' device.
+    """Everything after the image downscale, on images' device, without waiting for it.
 
     images: uint8 (N, h, w, 3) RGB, already downscaled to the input size; labels: uint8 (N, f*h, f*w) train ids
-    of the same region at source scale; params: (N, NUM_PARAMS) random rows (None = eval, no randomness).
+    of the same region at source scale; params: (N, NUM_PARAMS) random rows in host memory (DALI returns its
+    random numbers as a CPU output even when it decodes on the GPU; None = eval, no randomness).
     Returns images float32 (N, 3, h, w) in [0, 1] and labels int64 (N, h, w).
+
+    Every decision (which samples move, flip, get a gamma) is taken on the host rows, so nothing here reads GPU
+    memory back; the two small per-sample vectors the GPU needs go up from pinned memory without blocking.
     """
     n, h, w = images.shape[:3]
     if labels.shape[-2:] != (factor * h, factor * w):
@@ -223,17 +227,25 @@ def finish_batch(
     x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, h, w), a new tensor: in-place below is safe
     y = majority_vote(labels, factor)
     if params is not None and n > 0:
-        p = torch.as_tensor(np.asarray(params, np.float32) if isinstance(params, np.ndarray) else params).cpu()
-        offsets = [(int(dy), int(dx)) for dy, dx in p[:, [PARAM_DY, PARAM_DX]].round().tolist()]
+        p = params.numpy() if isinstance(params, torch.Tensor) else np.asarray(params)
+        p = p.astype(np.float32, copy=False)
+        offsets = [(int(dy), int(dx)) for dy, dx in np.rint(p[:, [PARAM_DY, PARAM_DX]])]
         if any(dy or dx for dy, dx in offsets):
             x, y = translate(x, y, offsets)
         flip = p[:, PARAM_FLIP] > 0.5
         if flip.any():
-            flip = flip.to(x.device)
+            flip = _upload(torch.from_numpy(flip), x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             y = torch.where(flip[:, None, None], y.flip(-1), y)
-        z = p[:, PARAM_Z].double()
-        if z.abs().max() > 0:
-            g = gamma_exponent(z).float().to(x.device)
+        z = p[:, PARAM_Z].astype(np.float64)
+        if np.abs(z).max() > 0:
+            g = _upload(torch.from_numpy(gamma_exponent(z).astype(np.float32)), x.device)
             x = x.pow_(g[:, None, None, None])
     return x.contiguous(), y.long()
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`: pinned + non_blocking on CUDA (a pageable copy would block the CPU)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -1,5 +1,7 @@
 """The samples of a split, read from the DALI `.idx` files beside its tars, checked before any loader starts.
 
+Imports: the standard library, frrn_dist.data.manifest.
+
 Both loaders use this. DALI reads the same index; the fallback seeks straight to the bytes it names, so it can
 take any contiguous range of samples (DALI's sharding rule) and resume without re-reading a tar.
 

@@ -1,0 +1,71 @@
+"""Helpers for tests that run real training processes: tiny-run overrides, launch commands, reading losses back.
+
+Every run is FRRN-A at 32x64 on the conftest shards, on CPU over gloo; process start-up (imports, DeepSpeed, DALI)
+is most of its time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from frrn_dist.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def tiny(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
+    """Overrides of a run small enough for a test (later `extra` keys win)."""
+    return [
+        f"data.shard_dir={shard_dir}",
+        "data.input_hw=[32,64]",
+        "data.translate_px=4",
+        "data.num_threads=1",
+        "train.micro_batch_size=2",
+        "train.log_every_steps=1",
+        "optim.schedule=constant",
+        "wandb.mode=offline",
+        "wandb.num_samples=2",
+        "run.device=cpu",
+        f"run.out_dir={out_dir}",
+        f"run.name={name}",
+        *extra,
+    ]
+
+
+def train_cmd(overrides: list[str], ranks: int, script: Path | None = None) -> list[str]:
+    """`python launch/train.py ...` for one rank, `deepspeed --num_accelerators N ...` for more."""
+    argv = [str(script or ROOT / "launch/train.py"), *overrides]
+    if ranks == 1:
+        return [sys.executable, *argv]
+    return [str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(_port()), *argv]
+
+
+def run_train(overrides: list[str], ranks: int = 2, timeout: int = 400, **kw) -> subprocess.CompletedProcess:
+    """Run to completion; fails the test with the output's tail if it does not exit 0."""
+    proc = subprocess.run(
+        train_cmd(overrides, ranks, **kw), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a resumed run appends, so the last record of a step wins."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
