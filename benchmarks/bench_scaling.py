@@ -197,8 +197,9 @@ def main() -> None:
             print(header)
             print("\n".join(projection(step_s, backward_fraction, grad_bytes, args.micro_batch)))
     print(
-        f"\nnotes: fp32 gradients are DeepSpeed's default with bf16 autocast (parameters stay fp32); bf16 needs "
-        f'"communication_data_type": "bf16" in the deepspeed block. Inside one node of {args.gpus_per_node} GPUs '
+        f"\nnotes: frrn-dist reduces fp32 gradients under every ZeRO stage by default, bf16 autocast included "
+        f"(DeepSpeed's own default would reduce conv gradients in bf16 under ZeRO 1/2); train.bf16_grad_reduce=true "
+        f"halves the bytes (the bf16 column). Inside one node of {args.gpus_per_node} GPUs 
         f"NVLink (~2400 Gb/s per GPU on A100) makes the rows up to {args.gpus_per_node} GPUs close to 100%.\n"
         f"benchmark took {time.perf_counter() - t_start:.0f} s"
     )
