@@ -10,7 +10,7 @@ SHARDS_OUT ?= shards/cityscapes
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/frrn-dist/torch_extensions
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format demo shards synthetic bench bench-shards bench-data bench-model bench-scaling eval clean
+.PHONY: help install test lint format demo shards synthetic bench bench-shards bench-data bench-model bench-scaling eval clean gpu-check gpu-wheels
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -63,6 +63,39 @@ bench-model: install  ## FRRN-A speed and activation memory: fp32/bf16, checkpoi
 
 bench-scaling: install  ## compute per image and bytes all-reduced per step; projected multi-GPU scaling
 	$(PY) benchmarks/bench_scaling.py
+
+# make gpu-check: the GPU side on one GPU (benchmarks/gpu_check.py, README "make gpu-check"). No `install`: a GPU
+# machine runs it from a plain checkout with its own python3 (CUDA torch), plus .gpu-wheels/ (`make gpu-wheels`)
+# unpacked once into .gpu-wheels/site when there is no .venv. OUT may be a file or a folder.
+DEVICE ?= cuda
+OUT ?= gpu-check.json
+GPU_WHEELS := .gpu-wheels
+gpu-check:  ## validate the GPU side on one GPU in <= 6 min: one table + OUT=gpu-check.json (DEVICE=cpu: tiny, on CPU)
+	@site=; if [ ! -x $(PY) ] && ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  if [ ! -f $(GPU_WHEELS)/site/.stamp ] || [ -n "$$(find $(GPU_WHEELS) -maxdepth 1 -name '*.whl' -newer $(GPU_WHEELS)/site/.stamp)" ]; then \
+	    echo "gpu-check: installing $(GPU_WHEELS)/*.whl into $(GPU_WHEELS)/site (no network, no deps)"; rm -rf $(GPU_WHEELS)/site; \
+	    python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target $(GPU_WHEELS)/site $(GPU_WHEELS)/*.whl \
+	      && touch $(GPU_WHEELS)/site/.stamp || exit 1; fi; \
+	  site=:$(abspath $(GPU_WHEELS))/site; fi; \
+	PYTHONPATH="$(CURDIR)$$site$${PYTHONPATH:+:$$PYTHONPATH}" $(if $(wildcard $(PY)),$(PY),python3) \
+	  benchmarks/gpu_check.py --device "$(DEVICE)" --out "$(OUT)"
+
+# The wheels a GPU machine without this venv lacks (Python 3.12, x86_64), at the venv's versions. omegaconf 2.4
+# vendors its antlr4 runtime; deepspeed is an sdist, built here as a pure-Python wheel without its C++ ops (JIT-built
+# if ever needed; the loop uses torch_adam). DALI (~200 MB) and wandb are left out: the check treats both as optional.
+GPU_WHEEL_PKGS := omegaconf webdataset braceexpand cityscapesScripts pyquaternion appdirs coloredlogs humanfriendly \
+	hjson py-cpuinfo pydantic pydantic_core annotated-types typing-inspection typing_extensions msgpack einops psutil
+gpu-wheels: install  ## download into .gpu-wheels/ the wheels a GPU machine lacks (py3.12 x86_64; deepspeed built here)
+	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d $(GPU_WHEELS).tmp \
+	  $$($(PY) -c 'import importlib.metadata as m, sys; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEEL_PKGS))
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
+	  -w $(GPU_WHEELS).tmp deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')
+	@ls $(GPU_WHEELS).tmp/deepspeed-*-py3-none-any.whl >/dev/null || { echo "gpu-wheels: deepspeed wheel is not py3-none-any"; exit 1; }
+	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).tmp $(GPU_WHEELS)
+	@ls $(GPU_WHEELS); du -sh $(GPU_WHEELS)
 
 clean:  ## remove runs, demo data and shards (keeps .venv)
 	rm -rf runs data shards/demo

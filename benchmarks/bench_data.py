@@ -9,6 +9,8 @@ recipe at 256x512 (whole frame, anti-aliased Lanczos /4, majority-vote labels, t
   dali-cpu        build_loader(backend="dali") over the JPEG shards, DALI CPU decoder, num_threads=1
   dali-cpu (png)  the same over the PNG shards (what the JPEG transcode buys)
   fallback        build_loader(backend="torch") over the JPEG shards, in-process (PIL + the same torch recipe)
+  stream (files)  build_loader(backend="stream") over the JPEG shard folder: tars read as streams, in-process
+  stream (http)   the same through http://127.0.0.1 (http.server in a thread of this process: its CPU counts too)
   png-baseline    what existing FRRN ports do: PIL reads the leftImg8bit / gtFine PNG folders, labelIds -> trainIds
                   by a LUT, PIL Lanczos, the authors' numpy histogram vote, np.pad reflect, np.power gamma
 
@@ -21,15 +23,18 @@ printed beside it (other users of the machine show up there, and in the load ave
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import os
-import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_model, cpu_seconds
 from PIL import Image
 
 from frrn_dist.data.labels import ID_TO_TRAIN, IGNORE_INDEX
@@ -39,21 +44,6 @@ from frrn_dist.shards import pack
 from frrn_dist.synthetic import make_dataset, parse_hw
 
 TARGET_RATIO = 2.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +111,19 @@ def run_loader(shards: Path, backend: str, epochs: int, **recipe) -> tuple[int, 
     return n, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(folder: Path) -> http.server.ThreadingHTTPServer:
+    """`folder` over HTTP on a free loopback port, from a thread of this process (plain GETs, no Range)."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16, help="full-resolution train frames to make")
@@ -159,14 +162,19 @@ def main() -> None:
             ("dali-cpu", lambda: run_loader(jpg, "dali", args.epochs, **recipe)),
             ("dali-cpu (png)", lambda: run_loader(png, "dali", args.epochs, **recipe)),
             ("fallback", lambda: run_loader(jpg, "torch", args.epochs, **recipe)),
+            ("stream (files)", lambda: run_loader(jpg, "stream", args.epochs, **recipe)),
+            ("stream (http)", lambda: run_loader(url, "stream", args.epochs, **recipe)),
             ("png-baseline", lambda: run_baseline(root, args.epochs, **recipe)),
         ]
+        server = serve(jpg)
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
         results = {}
         print(f"\n{'backend':<16}{'images':>8}{'img/s wall':>12}{'img/CPU-s':>12}{'ms CPU/img':>12}")
         for name, run in rows:
             n, wall, cpu = run()
             results[name] = n / cpu
             print(f"{name:<16}{n:>8}{n / wall:>12.2f}{n / cpu:>12.2f}{1e3 * cpu / n:>12.1f}")
+        server.shutdown()
         print(f"{'dali-gpu':<16}    not measured here (no GPU here; device='cuda' decodes the JPEGs with nvJPEG)")
 
         ratio = results["dali-cpu"] / results["png-baseline"]
@@ -174,6 +182,9 @@ def main() -> None:
         print(f"\nper core: dali-cpu / png-baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict}); "
               f"fallback / png-baseline = {results['fallback'] / results['png-baseline']:.2f}x; "
               f"dali-cpu jpg / png shards = {results['dali-cpu'] / results['dali-cpu (png)']:.2f}x")  # fmt: skip
+        files, http_ = results["stream (files)"], results["stream (http)"]
+        print(f"per core: stream (files) / fallback = {files / results['fallback']:.2f}x; "
+              f"stream (http) / stream (files) = {http_ / files:.2f}x")  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,61 +1,53 @@
-"""FRRN-A speed and activation memory on this CPU, and the memory planner's micro-batches.
+"""FRRN-A speed on this machine against a plain transcription, and its activation memory and micro-batches.
 
-    python benchmarks/bench_model.py [--threads N] [--reps R] [--skip-large]
+    python benchmarks/bench_model.py [--threads N] [--quick] [--skip-large] [--compile none|ours|all] [--reps R]
 
-Measures one training step (forward, bootstrapped loss, backward) of FRRN-A:
-- at 64x128: images/s and bytes saved for backward per image, for checkpointing off / unit / stage, NCHW
-  (contiguous) and NHWC (channels_last) activations, fp32 (2 images) and bf16 autocast (1 image: on a CPU without
-  bf16 instructions bf16 convs run ~10x slower than fp32 in NHWC and ~30x in NCHW, so NCHW bf16 gets one step);
-- at 256x512 (1 image, the paper's FRRN-A input): the same for fp32 in the faster layout. bf16 is not timed there;
-  its bytes come from the planner, which runs the step at 256x512 on fake tensors (shapes only).
-Modes are timed interleaved (off, unit, stage, off, ...) and the median is reported, so load from other processes
-hits them alike. Then the planner (frrn_dist.plan) for FRRN-A at 256x512 in 8 GiB and FRRN-B at 512x1024 in 80 GiB,
-and the targets: checkpointing cuts bytes saved for backward per image >= 3x for <= 40% more step time, and with it
->= 12 FRRN-A images at 256x512 fit in 8 GiB. On a busy machine pass --threads 1: two OpenMP threads fighting other
-processes for 2 cores ran 10x slower here.
+1. The machine: CPU model and the flags that matter (benchmarks/common.py), threads, load; what
+   frrn_dist.hardware chooses here for precision and layout, and why; the 2048^2 matmul peak in fp32 and bf16.
+2. The yardstick: benchmarks/plain_frrn.py (stock max_pool2d / interpolate / BatchNorm2d) loads our state_dict;
+   its logits must equal ours (train mode) to 1e-4 relative, or the run stops.
+3. Speed: one training step (forward, bootstrapped loss, backward; checkpointing off) at 64x128 (4 images) and
+   256x512 (1 image, the paper's FRRN-A input), fp32 and bf16 autocast, NCHW and NHWC activations. Ours and the
+   plain network step alternately (ours, plain, ours, ...) after a warm-up step each, so other load hits both
+   alike; medians of --reps (3 at 64x128, 2 at 256x512). GFLOP/s from FlopCounterMode's nominal forward+backward
+   count, beside the matmul peak of the same precision; bytes kept for backward per image (saved-tensor hooks).
+   torch.compile (inductor, frrn_dist.hardware.maybe_compile): `--compile ours` (default) times our network
+   compiled, in the precision and layout chosen here, at 64x128, against eager ours and plain in the same
+   alternation; `--compile all` also compiles the plain network and every precision/layout at 64x128. Cold
+   compiles take minutes on 2 cores (printed); inductor's on-disk cache makes a rerun's much shorter.
+4. Memory (the figures BENCHMARKS.md quotes): per checkpointing mode, bytes kept for backward per image and step
+   time at 256x512 fp32 NCHW, 1 image; then the planner (frrn_dist.plan) for FRRN-A at 256x512 in 8 GiB and
+   FRRN-B at 512x1024 in 80 GiB (fake tensors: shapes only).
+5. Goals: our default configuration (what hardware.py picks) >= 1.6x the plain transcription in fp32; our fp32
+   >= 1.0x plain fp32 (else what the memory saving costs, in time and bytes); checkpointing cuts bytes kept for
+   backward >= 3x for <= 40% more step time, and >= 12 FRRN-A images at 256x512 fit in 8 GiB with it.
+`--quick`: 64x128 only, one timed step each, no compile, no planner (a smoke run, ~1 minute). A default run takes
+about 6 minutes on 2 idle cores with a warm compile cache. On a busy machine pass --threads 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+from common import cpu_model, load_average, speed_flags
+from plain_frrn import PlainFRRN, max_logit_difference
 
+from frrn_dist import hardware
 from frrn_dist.loss import bootstrapped_cross_entropy
 from frrn_dist.model import CHECKPOINTING_MODES, FRRN
 from frrn_dist.plan import format_table, plan_micro_batch
 
 MiB = 2**20
 GiB = 2**30
+SIZES = {(64, 128): 4, (256, 512): 1}  # input -> images per step
+SAME_LOGITS_TOL = 1e-4
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def step(model: FRRN, x: torch.Tensor, labels: torch.Tensor, bf16: bool) -> int:
+def step(model, x: torch.Tensor, labels: torch.Tensor, bf16: bool) -> int:
     """One forward + loss + backward; returns bytes saved for backward (unique storages, parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -69,136 +61,206 @@ def step(model: FRRN, x: torch.Tensor, labels: torch.Tensor, bf16: bool) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = bootstrapped_cross_entropy(logits, labels)
+        loss = bootstrapped_cross_entropy(logits.float(), labels)
     loss.backward()
     model.zero_grad(set_to_none=False)
     return sum(saved.values())
 
 
-def time_modes(
-    hw: tuple[int, int],
-    n: int,
-    *,
-    bf16: bool,
-    channels_last: bool,
-    reps: int,
-    modes=CHECKPOINTING_MODES,
-    warmup: bool = True,
-):
-    """{mode: (images/s, saved bytes per image, step seconds)} with the modes' steps interleaved."""
-    torch.manual_seed(0)
-    model = FRRN("A", channels_last=channels_last).train()
+def batch(hw: tuple[int, int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    x, labels = torch.rand(n, 3, *hw, generator=g), torch.randint(0, 19, (n, *hw), generator=g)
-    seconds = {m: [] for m in modes}
+    return torch.rand(n, 3, *hw, generator=g), torch.randint(0, 19, (n, *hw), generator=g)
+
+
+def time_alternating(models: dict, hw, n: int, *, bf16: bool, reps: int) -> dict:
+    """{name: (step seconds median, saved bytes per image)}: one warm-up step each, then `reps` rounds in which
+    every model steps once, in turn."""
+    x, labels = batch(hw, n)
+    seconds = {name: [] for name in models}
     saved = {}
-    for r in range(reps + warmup):  # a warm-up round primes the allocator and oneDNN's kernel cache
-        for mode in modes:
+    for r in range(reps + 1):
+        for name, model in models.items():
+            t = time.perf_counter()
+            saved[name] = step(model, x, labels, bf16) / n
+            if r:
+                seconds[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(seconds[name]), saved[name]) for name in models}
+
+
+def build(kind: str, weights: FRRN, channels_last: bool):
+    if kind == "plain":
+        return PlainFRRN.from_ours(weights, channels_last=channels_last)
+    model = FRRN("A", channels_last=channels_last).train()
+    model.load_state_dict(weights.state_dict())
+    return model
+
+
+def check_same_network(weights: FRRN) -> float:
+    plain = PlainFRRN.from_ours(weights)
+    ours = build("ours", weights, channels_last=False)
+    diff = max_logit_difference(ours, plain, batch((64, 128), 2)[0])
+    if diff > SAME_LOGITS_TOL:
+        raise SystemExit(f"benchmarks/plain_frrn.py: logits differ from ours by {diff:.1e} (> {SAME_LOGITS_TOL})")
+    return diff
+
+
+def speed_table(weights: FRRN, sizes, reps_small: int, reps_large: int, peaks, flops, compile_mode, chosen):
+    """Rows of the speed table and {(hw, precision, layout, compiled): {name: (s, bytes)}}."""
+    rows, results = [], {}
+    for hw, n in sizes.items():
+        reps = reps_small if hw == (64, 128) else reps_large
+        for precision in ("fp32", "bf16"):
+            for channels_last in (False, True):
+                models = {k: build(k, weights, channels_last) for k in ("ours", "plain")}
+                compiled = compile_mode == "all" or (compile_mode == "ours" and (precision, channels_last) == chosen)
+                t0 = time.perf_counter()
+                if compiled and hw == (64, 128):
+                    models["ours+compile"] = hardware.maybe_compile(build("ours", weights, channels_last), True)
+                    if compile_mode == "all":
+                        models["plain+compile"] = hardware.maybe_compile(build("plain", weights, channels_last), True)
+                res = time_alternating(models, hw, n, bf16=precision == "bf16", reps=reps)
+                results[(hw, precision, channels_last)] = res
+                layout = "NHWC" if channels_last else "NCHW"
+                for name, (sec, saved) in res.items():
+                    gflops = flops[hw] * n / sec / 1e9
+                    note = f" (compile + warm-up {time.perf_counter() - t0:.0f} s in all)" if "compile" in name else ""
+                    rows.append(
+                        f"| {hw[0]}x{hw[1]} x{n} | {precision} | {layout} | {name} | {n / sec:.3f} "
+                        f"| {res['plain'][0] / sec:.2f}x | {gflops:.1f} ({100 * gflops / peaks[precision]:.0f}%) "
+                        f"| {saved / MiB:,.0f} MiB |{note}"
+                    )
+    return rows, results
+
+
+def memory_rows(weights: FRRN, large: bool, reps: int) -> tuple[list[str], dict]:
+    """Checkpointing modes at 256x512 fp32 NCHW, 1 image (64x128 x4 with --skip-large); interleaved, medians."""
+    hw, n = ((256, 512), 1) if large else ((64, 128), 4)
+    model = build("ours", weights, channels_last=False)
+    x, labels = batch(hw, n)
+    seconds, saved = {m: [] for m in CHECKPOINTING_MODES}, {}
+    for r in range(reps + (not large)):  # a warm-up round at 64x128; 256x512 steps are long enough without
+        for mode in CHECKPOINTING_MODES:
             model.checkpointing = mode
             t = time.perf_counter()
-            saved[mode] = step(model, x, labels, bf16) / n
-            if r or not warmup:
+            saved[mode] = step(model, x, labels, False) / n
+            if large or r:
                 seconds[mode].append(time.perf_counter() - t)
-    return {m: (n / statistics.median(seconds[m]), saved[m], statistics.median(seconds[m])) for m in modes}
+    res = {m: (statistics.median(seconds[m]), saved[m]) for m in CHECKPOINTING_MODES}
+    rows = [
+        f"| {hw[0]}x{hw[1]} x{n} | fp32 | NCHW | {m} | {n / sec:.3f} | {sec / res['off'][0] - 1:+.0%} "
+        f"| {kept / MiB:,.1f} MiB |"
+        for m, (sec, kept) in res.items()
+    ]
+    return rows, res
+
+
+def print_goals(results, sizes, chosen, memory, plans_a) -> None:
+    print("\n## Goals\n")
+    for hw, n in sizes.items():
+        cfg = results[(hw, *chosen)]
+        base = results[(hw, "fp32", False)]
+        plain_fp32 = base["plain"][0]
+        default = plain_fp32 / cfg["ours"][0]
+        fp32 = plain_fp32 / base["ours"][0]
+        label = f"{chosen[0]} {'NHWC' if chosen[1] else 'NCHW'}"
+        print(
+            f"- {hw[0]}x{hw[1]} x{n}: our default ({label}) {default:.2f}x plain fp32 NCHW (target >= 1.6x: "
+            f"{'met' if default >= 1.6 else 'NOT met'}); our fp32 NCHW {fp32:.2f}x plain fp32 NCHW (target >= 1.0x: "
+            f"{'met' if fp32 >= 1.0 else 'NOT met'}; bytes kept for backward per image {base['ours'][1] / MiB:,.0f} "
+            f"vs {base['plain'][1] / MiB:,.0f} MiB, {base['plain'][1] / base['ours'][1]:.1f}x less)"
+        )
+    if memory:
+        fits = {(p["checkpointing"], p["precision"]): p["max_micro_batch_size"] for p in plans_a}
+        for mode in ("unit", "stage"):
+            cut = memory["off"][1] / memory[mode][1]
+            slower = memory[mode][0] / memory["off"][0] - 1
+            print(
+                f"- checkpointing {mode}: bytes kept for backward cut {cut:.1f}x (target >= 3x: "
+                f"{'met' if cut >= 3 else 'NOT met'}), step time {slower:+.0%} (target <= +40%: "
+                f"{'met' if slower <= 0.40 else 'NOT met'}); FRRN-A 256x512 in 8 GiB: {fits[(mode, 'fp32')]} fp32 / "
+                f"{fits[(mode, 'bf16')]} bf16 images (target >= 12: "
+                f"{'met' if max(fits[(mode, 'fp32')], fits[(mode, 'bf16')]) >= 12 else 'NOT met'}); without "
+                f"checkpointing {fits[('off', 'fp32')]} fp32 / {fits[('off', 'bf16')]} bf16"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--reps", type=int, default=3, help="timed steps per mode at 64x128 (default 3; 2 at 256x512)")
-    ap.add_argument("--skip-large", action="store_true", help="skip the 256x512 timings (about 3 minutes)")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per model at 64x128 (default 3; 2 at 256x512)")
+    ap.add_argument("--skip-large", action="store_true", help="no 256x512 timings (about 3 of the 6 minutes)")
+    ap.add_argument("--compile", choices=("none", "ours", "all"), default="ours", help="what to time compiled")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 64x128, 1 step each, no compile, no planner")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reps < 1:
+        raise SystemExit("--reps must be >= 1")
     t_start = time.perf_counter()
-    flags = cpu_flags()
-    bf16_hw = sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16"))
+    large = not (args.skip_large or args.quick)
+    sizes = SIZES if large else {(64, 128): SIZES[(64, 128)]}
+    reps_small, reps_large = (1, 1) if args.quick else (args.reps, max(1, args.reps - 1))
+    compile_mode = "none" if args.quick else args.compile
+
+    print(f"# machine: {cpu_model()}, {os.cpu_count()} cores; {speed_flags()}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load_average()} at start")
+    precision, why_precision = hardware.choose_precision("cpu")
+    channels_last, why_layout = hardware.choose_channels_last("cpu", precision)
+    print(f"# hardware.choose_precision: {precision} ({why_precision})")
+    print(f"# hardware.choose_channels_last: {channels_last} ({why_layout})")
+    peaks = {}
+    for p in ("fp32", "bf16"):
+        tflops, source = hardware.dense_peak_tflops("cpu", p)
+        peaks[p] = tflops * 1e3
+        print(f"# matmul peak {p}: {peaks[p]:.0f} GFLOP/s ({source})")
+
+    torch.manual_seed(0)
+    weights = FRRN("A").train()
+    flops = {hw: hardware.flops_per_image(weights, hw) for hw in sizes}
+    plain_flops = hardware.flops_per_image(PlainFRRN.from_ours(weights), (64, 128))
     print(
-        f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads, bf16 instructions: {', '.join(bf16_hw) or 'none'}; load average at start: "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}"
+        f"# same network: plain transcription logits within {check_same_network(weights):.1e} of ours (relative, "
+        f"train mode); FLOPs per image forward+backward: "
+        + ", ".join(f"{hw[0]}x{hw[1]} {f / 1e9:.1f} G" for hw, f in flops.items())
+        + f" (plain at 64x128: {plain_flops / 1e9:.1f} G)"
     )
 
-    # -- 64x128: every combination ------------------------------------------------------------------------------------
-    rows = []
-    small = {}
-    for bf16 in (False, True):
-        for channels_last in (False, True):
-            n = 1 if bf16 else 2
-            if bf16 and not channels_last and not bf16_hw:
-                # NCHW bf16 convs take a slow generic kernel on this CPU: one step, no warm-up
-                res = time_modes((64, 128), n, bf16=True, channels_last=False, reps=1, modes=("off",), warmup=False)
-            else:
-                res = time_modes((64, 128), n, bf16=bf16, channels_last=channels_last, reps=1 if bf16 else args.reps)
-            small[(bf16, channels_last)] = res
-            for mode, (ips, saved, _) in res.items():
-                off_ips = res.get("off", (ips,))[0]
-                rows.append(
-                    f"| 64x128 x{n} | {'bf16' if bf16 else 'fp32'} | {'NHWC' if channels_last else 'NCHW'} | {mode} "
-                    f"| {ips:.2f} | {off_ips / ips - 1:+.0%} | {saved / MiB:,.1f} MiB |"
-                )
-
-    # -- 256x512, 1 image: fp32 in the faster layout ---------------------------------------------------------------
-    large = {}
-    if not args.skip_large:
-        fp32_cl_faster = small[(False, True)]["off"][0] > small[(False, False)]["off"][0]
-        large = time_modes((256, 512), 1, bf16=False, channels_last=fp32_cl_faster, reps=2, warmup=False)
-        for mode, (ips, saved, _) in large.items():
-            rows.append(
-                f"| 256x512 x1 | fp32 | {'NHWC' if fp32_cl_faster else 'NCHW'} | {mode} | {ips:.3f} "
-                f"| {large['off'][0] / ips - 1:+.0%} | {saved / MiB:,.1f} MiB |"
-            )
-    # -- the planner -----------------------------------------------------------------------------------------------
-    plans_a = [
-        plan_micro_batch("A", hw=(256, 512), memory_bytes=8 * GiB, checkpointing=mode, precision=precision)
-        for precision in ("fp32", "bf16")
-        for mode in CHECKPOINTING_MODES
-    ]
-    plans_b = [
-        plan_micro_batch("B", hw=(512, 1024), memory_bytes=80 * GiB, checkpointing=mode, precision=precision)
-        for precision in ("fp32", "bf16")
-        for mode in CHECKPOINTING_MODES
-    ]
-    for p in plans_a[3:]:  # bf16 at 256x512: the planner's bytes (fake tensors at the real size)
-        rows.append(
-            f"| 256x512 x1 | bf16 | any | {p['checkpointing']} | not timed | "
-            f"| {p['saved_bytes_per_image'] / MiB:,.1f} MiB (planner) |"
-        )
-    print("\n## Training step, FRRN-A (forward + bootstrapped loss + backward)\n")
-    print(
-        "| input x images | precision | activations | checkpointing | images/s | time vs off "
-        "| saved for backward / image |"
+    print("\n## Training step, FRRN-A, checkpointing off: ours vs the plain transcription\n")
+    print("| input x images | precision | activations | network | images/s | vs plain | GFLOP/s (% of matmul peak) "
+          "| kept for backward / image |")  # fmt: skip
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    rows, results = speed_table(
+        weights, sizes, reps_small, reps_large, peaks, flops, compile_mode, (precision, channels_last)
     )
-    print("|---|---|---|---|---:|---:|---:|")
     print("\n".join(rows))
-    p0 = plans_a[0]
-    print(
-        f"\n## Planner: largest micro-batch (peak bytes of one step at the target size with 1 and 2 images; fixed ="
-        f" 16 B/parameter + measured per-step bytes + {p0['reserve_bytes'] / GiB:.2f} GiB reserve; "
-        f"+{p0['margin']:.0%} on activations)\n"
-    )
-    print(format_table(plans_a + plans_b))
 
-    # -- targets ---------------------------------------------------------------------------------------------------
-    print("\n## Targets\n")
-    basis = large or small[(False, False)]
-    where = "256x512 fp32" if large else "64x128 fp32 NCHW (256x512 skipped)"
-    fits = {(p["checkpointing"], p["precision"]): p["max_micro_batch_size"] for p in plans_a}
-    for mode in ("unit", "stage"):
-        cut = basis["off"][1] / basis[mode][1]
-        slower = basis[mode][2] / basis["off"][2] - 1
+    print("\n## Checkpointing: step time and bytes kept for backward, ours\n")
+    print("| input x images | precision | activations | checkpointing | images/s | time vs off | kept / image |")
+    print("|---|---|---|---|---:|---:|---:|")
+    mem_rows, memory = memory_rows(weights, large, reps_large if large else reps_small)
+    print("\n".join(mem_rows))
+
+    plans_a = []
+    if not args.quick:
+        plans_a = [
+            plan_micro_batch("A", hw=(256, 512), memory_bytes=8 * GiB, checkpointing=mode, precision=p)
+            for p in ("fp32", "bf16")
+            for mode in CHECKPOINTING_MODES
+        ]
+        plans_b = [
+            plan_micro_batch("B", hw=(512, 1024), memory_bytes=80 * GiB, checkpointing=mode, precision=p)
+            for p in ("fp32", "bf16")
+            for mode in CHECKPOINTING_MODES
+        ]
+        p0 = plans_a[0]
         print(
-            f"- {mode}: saved bytes cut {cut:.1f}x (target >= 3x: {'met' if cut >= 3 else 'NOT met'}), step time "
-            f"{slower:+.0%} (target <= +40%: {'met' if slower <= 0.40 else 'NOT met'}) at {where}; FRRN-A 256x512 in "
-            f"8 GiB: {fits[(mode, 'fp32')]} fp32 / {fits[(mode, 'bf16')]} bf16 images (target >= 12: "
-            f"{'met' if max(fits[(mode, 'fp32')], fits[(mode, 'bf16')]) >= 12 else 'NOT met'}; fp32 "
-            f"{'met' if fits[(mode, 'fp32')] >= 12 else 'NOT met'}); without checkpointing "
-            f"{fits[('off', 'fp32')]} fp32 / {fits[('off', 'bf16')]} bf16"
+            f"\n## Planner: largest micro-batch (peak bytes of one step at the target size with 1 and 2 images; "
+            f"fixed = 16 B/parameter + measured per-step bytes + {p0['reserve_bytes'] / GiB:.2f} GiB reserve; "
+            f"+{p0['margin']:.0%} on activations)\n"
         )
-    print(
-        f"\n# took {time.perf_counter() - t_start:.0f} s; load average at end: "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}"
-    )
+        print(format_table(plans_a + plans_b))
+    print_goals(results, sizes, (precision, channels_last), memory if large else None, plans_a)
+    print(f"\n# took {time.perf_counter() - t_start:.0f} s; load average at end: {load_average()}")
 
 
 if __name__ == "__main__":

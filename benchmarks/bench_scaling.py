@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from common import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -44,17 +44,6 @@ LINKS_GBIT = (25, 100, 400)
 LINK_EFFICIENCY = 0.8
 HOP_LATENCY_S = 10e-6
 GRAD_BYTES = {"fp32": 4, "bf16": 2}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def train_step(model: FRRN, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -130,7 +119,7 @@ def main() -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"machine: {cpu_name()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with {torch.get_num_threads()} "
+        f"machine: {cpu_model()}, {os.cpu_count()} CPU(s), torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads, load average {load:.1f} at start (other work on the machine slows the CPU figures)"
     )
     t_start = time.perf_counter()
@@ -199,7 +188,7 @@ def main() -> None:
     print(
         f"\nnotes: frrn-dist reduces fp32 gradients under every ZeRO stage by default, bf16 autocast included "
         f"(DeepSpeed's own default would reduce conv gradients in bf16 under ZeRO 1/2); train.bf16_grad_reduce=true "
-        f"halves the bytes (the bf16 column). Inside one node of {args.gpus_per_node} GPUs 
+        f"halves the bytes (the bf16 column). Inside one node of {args.gpus_per_node} GPUs "
         f"NVLink (~2400 Gb/s per GPU on A100) makes the rows up to {args.gpus_per_node} GPUs close to 100%.\n"
         f"benchmark took {time.perf_counter() - t_start:.0f} s"
     )

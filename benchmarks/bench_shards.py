@@ -14,32 +14,18 @@ import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model
+from common import cpu_seconds as cpu_time
+
 from frrn_dist.shards import pack
 from frrn_dist.synthetic import draw_scene, make_dataset, parse_hw
 
 CITYSCAPES_FRAMES = 2975 + 500  # train + val
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_time() -> float:
-    """CPU seconds of this process plus its finished children (the pack's worker processes)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _spin(seconds: float) -> None:
@@ -99,9 +85,9 @@ def main() -> None:
             for workers in (1, 2):
                 out = work / f"shards-w{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                cpu0, t0 = cpu_time(), time.perf_counter()
+                cpu0, t0 = cpu_time(children=True), time.perf_counter()
                 manifest = pack(root, out, image_format="jpg", jpeg_quality=95, workers=workers)
-                wall, cpu = time.perf_counter() - t0, cpu_time() - cpu0
+                wall, cpu = time.perf_counter() - t0, cpu_time(children=True) - cpu0
                 if wall < seconds[workers]:
                     seconds[workers], cpu_seconds[workers] = wall, cpu
                 out_mb = sum(s["bytes"] for s in manifest["splits"].values()) / 1e6

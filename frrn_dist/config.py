@@ -30,8 +30,9 @@ class ModelConfig:
     the GPU configs (frrn_a.yaml, frrn_b.yaml) turn it on; the CPU has memory to spare."""
     sync_bn: bool = False
     """SyncBatchNorm across ranks (GPU only). Off: BN statistics are averaged over ranks before eval and saving."""
-    channels_last: bool = False
-    """Run convolutions in NHWC memory layout (faster on recent GPUs; measure on CPU with `make bench-model`)."""
+    channels_last: bool | str = "auto"
+    """Convolutions in NHWC memory layout: true, false, or "auto": NHWC exactly where the run chose bf16 (CUDA
+    cc >= 8.0, a CPU with fast bf16; `make bench-model` measures both). The choice is logged and saved."""
 
 
 @dataclass
@@ -63,6 +64,11 @@ class DataConfig:
     """DALI shuffle buffer in samples; it holds encoded frames in host RAM on every rank."""
     shuffle: bool = True
     """Shuffle within each rank's slice while training; False reads in order (for exact comparisons of runs)."""
+    retries: int = 4
+    """stream backend: attempts after a transient read failure (HTTP 5xx, a dropped connection), backoff doubling."""
+    on_error: str = "stop"
+    """stream backend: "stop" at a sample that cannot be read or decoded (one line naming the URL), or "skip" it
+    and count it."""
 
 
 @dataclass
@@ -119,8 +125,13 @@ class TrainConfig:
     """Checkpoints kept on disk (oldest deleted first); the newest is always kept."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state) or 2 (also gradients)."""
-    precision: str = "fp32"
-    """"fp32" or "bf16" (autocast: convs in bf16, parameters, BN statistics and the loss in fp32)."""
+    precision: str = "auto"
+    """"fp32", "bf16" (autocast: convs in bf16, parameters, BN statistics and the loss in fp32), or "auto": bf16
+    where the device runs it fast (CUDA compute capability >= 8.0; a CPU with AMX, or AVX512-BF16 confirmed by a
+    short measurement at start-up), fp32 elsewhere. What was chosen and why goes to the log and `chosen`."""
+    compile: bool = False
+    """torch.compile the model (inductor). Off by default: measured no faster than eager for FRRN here
+    (BENCHMARKS.md); compiled forward and gradients equal eager within tolerance (tests/test_compile.py)."""
     bf16_grad_reduce: bool = False
     """bf16 + ZeRO 1/2: all-reduce conv gradients in bf16 (half the bytes; DeepSpeed's torch_autocast default).
     Off: every ZeRO stage reduces fp32 gradients, so stage 0, 1 and 2 train the same model."""
@@ -174,6 +185,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys merged over the derived ones (expert use, e.g. zero_optimization.overlap_comm)."""
+    chosen: dict[str, Any] = field(default_factory=dict)
+    """Written by the run, not read: what each "auto" key resolved to on this machine, and why."""
 
 
 _CHOICES = {
@@ -182,10 +195,12 @@ _CHOICES = {
     "model.checkpointing": ("off", "unit", "stage"),
     "data.backend": ("dali", "torch", "stream"),
     "data.recipe": ("paper", "seed"),
+    "data.on_error": ("stop", "skip"),
     "optim.schedule": ("step", "constant", "cosine"),
     "optim.optimizer": ("adam", "sgd"),
     "train.zero_stage": (0, 1, 2),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "model.channels_last": ("auto", True, False),
     "wandb.mode": ("auto", "online", "offline"),
     "run.device": ("auto", "cuda", "cpu"),
 }

@@ -100,12 +100,29 @@ class _MaxPoolKeepArgmax(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (offset,) = ctx.saved_tensors
         s, (h, w) = ctx.s, ctx.in_hw
+        if torch.compiler.is_compiling():
+            return _unpool_by_select(grad, offset, s, (h, w)), None
         offset = offset.long()
         rows = torch.arange(0, h, s, device=grad.device).view(-1, 1) + offset // s
         cols = torch.arange(0, w, s, device=grad.device) + offset % s
         # windows do not overlap, so unpooling scatters each gradient to exactly one input pixel
         grad_in = F.max_unpool2d(grad, rows * w + cols, s, s, output_size=(h, w))
         return grad_in, None
+
+
+def _unpool_by_select(grad: torch.Tensor, offset: torch.Tensor, s: int, in_hw: tuple[int, int]) -> torch.Tensor:
+    """The backward above without max_unpool2d, for torch.compile: each window's gradient selected into place.
+
+    Inductor (torch 2.13, CPU) miscompiled FRRN-A's backward built on max_unpool2d's scatter (gradients of every
+    unit before the 1/16 stage 20-80% off; frrn_dist/hardware.py). This is pointwise, so inductor fuses it; in
+    eager it is slower than the scatter (it writes every output element), so eager keeps max_unpool2d.
+    """
+    n, c, hp, wp = grad.shape
+    window = torch.arange(s, device=grad.device)
+    pos = (window.view(s, 1) * s + window).to(offset.dtype).view(s, 1, s)  # offset of each pixel in its window
+    out = torch.where(offset[:, :, :, None, :, None] == pos, grad[:, :, :, None, :, None], 0)
+    out = out.reshape(n, c, hp * s, wp * s)
+    return F.pad(out, (0, in_hw[1] - wp * s, 0, in_hw[0] - hp * s))  # floored windows: the rest gets no gradient
 
 
 def max_pool(x: torch.Tensor, s: int) -> torch.Tensor:

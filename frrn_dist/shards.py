@@ -4,12 +4,14 @@
 
 One sample per frame, key `<city>_<seq>_<frame>`, members `key.jpg` (or `key.png`), `key.label.png` (8-bit 'L'
 train ids = ID_TO_TRAIN[labelIds]), `key.instance.png` (the source 16-bit instanceIds, evaluation splits only) and
-`key.json`. Samples are shuffled with --seed before writing (DALI's shuffle is a local buffer and Cityscapes is
-sorted by city), shards roll over at --shard-size-mb, each tar gets a DALI index (`v1.2`, the format of DALI's
-`wds2idx`, written while the tar is written) and manifest.json comes last. Everything is written into
-`<out>.tmp-<pid>` and renamed to `<out>` when whole, so an interrupted run leaves no folder that
-frrn_dist.data.manifest.read_manifest accepts. Output bytes depend on the input and the settings only (not on the
-worker count), and a re-run with the same input and settings is detected from a source fingerprint and skipped.
+`key.json`, written by webdataset's own TarWriter. Samples are shuffled with --seed before writing (DALI's shuffle
+is a local buffer and Cityscapes is sorted by city), shards roll over at --shard-size-mb, each tar gets a DALI
+index (`v1.2`, the format of DALI's `wds2idx`, written while the tar is written) and manifest.json comes last.
+Everything is written into `<out>.tmp-<pid>` and renamed to `<out>` when whole, so an interrupted run leaves no
+folder that frrn_dist.data.manifest.read_manifest accepts. Output bytes depend on the input and the settings only
+(not on the worker count), and a re-run with the same input and settings is detected from a source fingerprint
+and skipped. The folder can then be copied to object storage or an HTTP server and read from there by
+data.backend=stream (README, "Shards in S3, GCS or behind HTTP").
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import tarfile
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,10 @@ from tqdm import tqdm
 
 from frrn_dist.data.labels import CLASS_NAMES, ID_TO_TRAIN, IGNORE_INDEX, NUM_CLASSES, VALID_LABEL_IDS
 from frrn_dist.data.manifest import FORMAT, MANIFEST_NAME
+from frrn_dist.data.shardwriter import ShardWriter
 
-PACKER = "frrn_dist.shards/1"  # bump when the bytes written for the same input change
+PACKER = "frrn_dist.shards/2"  # bump when the bytes written for the same input change
 SPLITS_WITHOUT_INSTANCES = ("train", "train_extra")  # training splits; every other one carries instance.png (iIoU)
-TAR_MTIME = 1_483_228_800  # 2017-01-01: fixed, so the same input gives byte-identical tars and sha256
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
 _VALID_LABEL = np.zeros(256, bool)
 _VALID_LABEL[sorted(VALID_LABEL_IDS)] = True
@@ -201,84 +202,6 @@ def encode_frame(job: tuple) -> tuple[str, list[tuple[str, bytes]], np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Writing: one process, tar + DALI index + sha256 in one pass
-
-
-class _HashingFile:
-    """A write-only file that hashes what passes through (tarfile only needs write and tell)."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self.sha = hashlib.sha256()
-        self.pos = 0
-
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.pos += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.pos
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> int:
-    return sum(512 + -(-len(b) // 512) * 512 for _, b in members)
-
-
-class ShardWriter:
-    """Writes `{split}-{i:06d}.tar` + `.idx` into a folder, rolling to a new shard at `max_bytes`."""
-
-    def __init__(self, folder: Path, split: str, max_bytes: int):
-        self.folder, self.split, self.max_bytes = folder, split, max_bytes
-        self.shards: list[dict[str, Any]] = []
-        self.tar = None
-
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}"
-        self.file = _HashingFile(self.folder / f"{name}.tar")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 (_close)
-        self.index: list[str] = []
-        self.count, self.name = 0, name
-
-    def _close(self) -> None:
-        self.tar.close()
-        self.file.close()
-        idx = self.folder / f"{self.name}.idx"
-        idx.write_text(f"v1.2 {self.count}\n" + "".join(line + "\n" for line in self.index))
-        self.shards.append({
-            "tar": f"{self.name}.tar",
-            "idx": idx.name,
-            "num_samples": self.count,
-            "bytes": self.file.pos,
-            "sha256": self.file.sha.hexdigest(),
-        })  # fmt: skip
-        self.tar = None
-
-    def write(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        if self.tar is not None and self.count and self.file.pos + _tar_bytes(members) > self.max_bytes:
-            self._close()
-        if self.tar is None:
-            self._open()
-        parts = []
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-            self.tar.addfile(info, io.BytesIO(data))
-            offset = self.tar.offset - -(-len(data) // 512) * 512  # data starts after its 512-byte header(s)
-            parts.append(f"{ext} {offset} {len(data)} {info.name}")
-        self.index.append(" ".join(parts))  # one line per sample: ext offset size name, per component
-        self.count += 1
-
-    def close(self) -> list[dict[str, Any]]:
-        if self.tar is not None:
-            self._close()
-        return self.shards
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The whole pack
 
 
@@ -391,6 +314,7 @@ def pack(
     tmp.mkdir(parents=True)
     workers = max(1, min(workers or os.cpu_count() or 1, max(len(f) for f in frames.values())))
     pool = _pool(workers) if workers > 1 else None
+    writer = None
     try:
         split_entries = {}
         for split in splits:
@@ -437,6 +361,8 @@ def pack(
         else:
             os.replace(tmp, out)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         if pool is not None:
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)

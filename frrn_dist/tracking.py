@@ -89,6 +89,7 @@ class Tracker:
             )
             run.define_metric("train/step")
             run.define_metric("train/*", step_metric="train/step")
+            run.define_metric("perf/*", step_metric="train/step")
             run.define_metric("val/epoch")
             run.define_metric("val/*", step_metric="val/epoch")
             where = (
@@ -116,11 +117,12 @@ class Tracker:
             self.run = None
 
     def log_train(self, step: int, values: dict[str, float]) -> None:
-        """Train scalars at an optimizer step: loss, lr, images_per_s, epoch."""
+        """Scalars at an optimizer step: loss, lr, epoch (as train/<key>) and perf/<key> as they are."""
         if not self.active:
             return
         self._append({"kind": "train", "step": step, **values})
-        self._wandb_log({"train/step": step, **{f"train/{k}": v for k, v in values.items()}})
+        named = {k if k.startswith("perf/") else f"train/{k}": v for k, v in values.items()}
+        self._wandb_log({"train/step": step, **named})
 
     def log_val(self, step: int, epoch: int, results: dict[str, Any], samples: list) -> None:
         """Validation scores and sample predictions (image, prediction, label, key)."""

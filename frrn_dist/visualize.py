@@ -112,12 +112,23 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
 
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path:
-    """Train loss, val loss and val mIoU against the optimizer step, one line per run (metrics.jsonl records)."""
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    panels = fig.subplots(1, 3)
-    for (kind, key, label), ax in zip(
-        (("train", "loss", "train loss"), ("val", "loss", "val loss"), ("val", "miou", "val mIoU")), panels
-    ):
+    """Train loss, val loss, val mIoU, throughput and utilisation against the optimizer step, one line per run
+    (metrics.jsonl records)."""
+    fig = Figure(figsize=(25, 4.2), layout="constrained")
+    panels = fig.subplots(1, 5)
+    charts = (
+        ("train", "loss", "train loss"),
+        ("val", "loss", "val loss"),
+        ("val", "miou", "val mIoU"),
+        ("train", "perf/images_per_s", "images/s (all ranks)"),
+        ("train", "perf/mfu", "model FLOP utilisation (dashed: data wait)"),
+    )
+    for (kind, key, label), ax in zip(charts, panels):
+        if key == "perf/mfu":  # the fraction of time waiting for data shares the [0, 1] axis
+            for i, records in enumerate(runs.values()):
+                steps, values = _series(records, kind, "perf/data_wait")
+                if steps:
+                    ax.plot(steps, values, linestyle="--", linewidth=1, color=f"C{i % 10}")
         for i, (name, records) in enumerate(runs.items()):
             steps, values = _series(records, kind, key)
             if steps:

@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-predictions", metavar="DIR", help="also write <city>_<seq>_<frame>_pred.png label-id maps")
     p.add_argument("--out", help="report folder (default: RUN/eval-<split>/)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="images per forward pass per rank")
-    p.add_argument("--backend", choices=("dali", "torch"), help="shard loader (default: the config's, else dali)")
+    p.add_argument("--backend", choices=("dali", "torch", "stream"),
+                   help="shard loader (default: the config's, else dali); stream reads http(s)/s3/gs URLs")  # fmt: skip
     cli.add_device(p)
     p.add_argument(
         "--workers", type=int, default=2, help="decoding processes (--cityscapes, --backend torch) or DALI threads"

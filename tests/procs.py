@@ -31,9 +31,12 @@ def _env() -> dict[str, str]:
 
 
 def tiny(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
-    """Overrides of a run small enough for a test (later `extra` keys win)."""
+    """Overrides of a run small enough for a test (later `extra` keys win). Precision and layout are pinned: runs
+    compared with each other must not each decide `auto` by their own start-up measurement."""
     return [
         f"data.shard_dir={shard_dir}",
+        "train.precision=fp32",
+        "model.channels_last=false",
         "data.input_hw=[32,64]",
         "data.translate_px=4",
         "data.num_threads=1",

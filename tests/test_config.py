@@ -81,7 +81,18 @@ def test_deepspeed_batch_sizes_are_stated_once():
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert "torch_autocast" not in ds
     bf16 = deepspeed_config(load_config(ROOT / "configs/frrn_b.yaml"), world_size=1)
-    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
+    # fp32 gradient reduction under every ZeRO stage: no module is tagged for bf16 communication
+    want = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert bf16["torch_autocast"] == want and "bf16" not in bf16
+    halved = deepspeed_config(load_config(ROOT / "configs/frrn_b.yaml", ["train.bf16_grad_reduce=true"]), 1)
+    assert halved["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # DeepSpeed's default: Conv2d in bf16
+
+
+def test_sgd_goes_to_torch_optim_and_is_allowed_under_zero():
+    cfg = load_config(ROOT / "configs/frrn_a.yaml", ["optim.optimizer=sgd", "optim.momentum=0.5", "train.zero_stage=2"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.5, "weight_decay": 0.0}}
+    assert ds["zero_allow_untested_optimizer"] is True
 
 
 def test_extra_deepspeed_keys_merge_over_derived_ones():

@@ -1,6 +1,6 @@
 """Faults a cluster job meets, with real training processes and real checkpoints on disk.
 
-- resuming on a different number of ranks: ZeRO 0 carries Adam's moments over, ZeRO 1 restarts them with a warning;
+- resuming on a different number of ranks: ZeRO 0 carries Adam's moments over (ZeRO 1/2: test_elastic.py);
 - a full disk while saving (RLIMIT_FSIZE makes writes fail with EFBIG): the previous checkpoint stays usable;
 - SIGKILL in the middle of a checkpoint save, at a seeded random save: resume is exact and loses nothing;
 - a corrupt or truncated shard met while training: the error must name the shard.
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from frrn_dist.data.loaders import build_loader
 from frrn_dist.data.manifest import ShardError, split_files
@@ -107,7 +106,9 @@ def test_zero0_checkpoint_of_two_ranks_resumes_on_one_with_adam_state(two_ranks,
     run = copy_run(two_ranks, tmp_path / "zero0")
     proc = run_train(faulty(shard_dir, tmp_path, "zero0", f"train.max_steps={STEPS + 2}"), ranks=1)
     out = proc.stdout + proc.stderr
-    assert f"step{STEPS:08d}" in resumed_from(out)
+    line = resumed_from(out)
+    assert f"step{STEPS:08d}" in line and "2 -> 1 rank(s)" in line and "optimizer state as saved" in line, line
+    assert "the epoch restarts with the new sharding (ranks changed)" in line
     assert optimizer_restart_warnings(out) == []
     tag = run / f"checkpoints/step{STEPS + 2:08d}"
     assert latest(run) == tag.name
@@ -115,28 +116,6 @@ def test_zero0_checkpoint_of_two_ranks_resumes_on_one_with_adam_state(two_ranks,
     assert adam_steps(tag) == {STEPS + 2.0}
     losses = train_losses(run)
     assert all(torch.isfinite(torch.tensor(losses[s])) for s in (STEPS + 1, STEPS + 2))
-
-
-@pytest.mark.slow
-def test_zero1_checkpoint_of_two_ranks_resumes_on_one_restarting_adam(shard_dir, tmp_path):
-    run_train(faulty(shard_dir, tmp_path, "zero1", "train.zero_stage=1", "train.max_steps=2"), ranks=2)
-    # lr 0 after the restart, so the weights must come through exactly: ZeRO keeps an fp32 master copy of them
-    # that has to be refreshed from the loaded weights when the (sharded) optimizer state is not loaded.
-    proc = run_train(
-        faulty(shard_dir, tmp_path, "zero1", "train.zero_stage=1", "train.max_steps=4", "optim.lr=0"), ranks=1
-    )
-    out = proc.stdout + proc.stderr
-    run = tmp_path / "zero1"
-    assert "step00000002" in resumed_from(out)
-    warnings = optimizer_restart_warnings(out)
-    assert len(warnings) == 1 and "step00000002" in warnings[0] and "2 ranks" in warnings[0], out[-3000:]
-    assert latest(run) == "step00000004"
-    assert adam_steps(run / "checkpoints/step00000004") == {2.0}  # moments restarted at the resume (step 2)
-    before, after = (load_file(run / f"checkpoints/{t}/model.safetensors") for t in ("step00000002", "step00000004"))
-    params = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert len(params) > 10
-    for k in params:
-        assert torch.equal(before[k], after[k]), k
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "frrn_dist"
 MAX_LINES = 500
@@ -154,10 +152,32 @@ def test_the_cycle_finder_finds_cycles(tmp_path: Path):
     assert sorted(find_cycles(graph)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.d", "pkg.e", "pkg.d"]]
 
 
-# evaluate.py and train.py are being split (issue 14) while this test lands; the lead makes this strict at the end.
-@pytest.mark.xfail(strict=False, reason="files still being split under issue 14 (evaluate.py, train.py)")
 def test_no_python_file_over_500_lines():
     assert long_files() == {}
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def long_functions(root: Path = ROOT, folders=("frrn_dist", "launch", "benchmarks")) -> dict[str, int]:
+    """'file:function' -> lines, for every function or method longer than MAX_FUNCTION_LINES."""
+    found = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        found[f"{path.relative_to(root)}:{node.name}"] = n
+    return found
+
+
+def test_no_function_over_100_lines(tmp_path: Path):
+    assert long_functions() == {}
+    (tmp_path / "pkg").mkdir()
+    body = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    (tmp_path / "pkg" / "m.py").write_text(body)
+    assert long_functions(tmp_path, ("pkg",)) == {"pkg/m.py:f": MAX_FUNCTION_LINES + 1}
 
 
 def test_the_line_count_sees_long_files(tmp_path: Path):

@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 from frrn_dist.config import load_config
 from frrn_dist.data.loaders import build_loader
+from frrn_dist.loop import evaluate
 from frrn_dist.loss import BootstrappedCrossEntropy
 from frrn_dist.metrics import CityscapesMetrics
 from frrn_dist.syncs import HostSyncCounter
-from frrn_dist.train import build_model, evaluate
+from frrn_dist.train import build_model
 
 from .procs import ROOT, _env, run_train, tiny, train_cmd
 
@@ -110,18 +111,19 @@ def test_sync_counter_counts_reads_made_by_our_code():
 NAN_WORKER = textwrap.dedent(
     """
     import sys
-    import frrn_dist.train as train
+    import frrn_dist.loop as loop
     from frrn_dist import distributed as dist
     from frrn_dist.config import parse_args
+    from frrn_dist.train import main
 
-    real = train.forward_loss
+    real = loop.forward_loss
 
     def forward_loss(engine, *args):  # rank 1's loss is NaN from optimizer step 3 on
         loss = real(engine, *args)
         return loss * float("nan") if dist.get_global_rank() == 1 and engine.global_steps >= 2 else loss
 
-    train.forward_loss = forward_loss
-    train.main(parse_args(sys.argv[1:])[1])
+    loop.forward_loss = forward_loss
+    main(parse_args(sys.argv[1:])[1])
     """
 )
 

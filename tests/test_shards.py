@@ -19,6 +19,7 @@ from PIL import Image
 import frrn_dist.shards as shards_mod
 from frrn_dist.data.labels import ID_TO_TRAIN, NUM_CLASSES
 from frrn_dist.data.manifest import ShardError, read_manifest, split_files
+from frrn_dist.data.shardwriter import TAR_MTIME
 from frrn_dist.shards import InputError, pack
 
 SPLITS = ("train", "val")
@@ -151,6 +152,18 @@ def test_webdataset_reads_the_shards(shard_dir: Path):
     for key, sample in seen.items():
         assert sample["label.png"] == expected[key]["label.png"] and sample["jpg"] == expected[key]["jpg"]
         assert json.loads(sample["json"])["key"] == key
+
+
+def test_tars_are_webdataset_tarwriter_output(shard_dir: Path):
+    """Byte for byte what webdataset's own writer makes of the same samples (the packer goes through it)."""
+    import webdataset as wds
+
+    for tar in split_files(shard_dir, "val")[0]:
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME, user="", group="", format="GNU_FORMAT") as w:
+            for key, members in read_tar(Path(tar)).items():
+                w.write({"__key__": key, **members})
+        assert buf.getvalue() == Path(tar).read_bytes()
 
 
 def test_dali_reads_the_shards_with_the_index(shard_dir: Path):
