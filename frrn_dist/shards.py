@@ -282,18 +282,7 @@ def pack(
     Raises InputError (a ValueError) naming the file for bad input, before anything is left in `out`.
     """
     root, out = Path(root), Path(out)
-    if image_format not in ("jpg", "png"):
-        raise InputError(f"image_format={image_format!r}: must be 'jpg' or 'png'")
-    if not 1 <= jpeg_quality <= 100:
-        raise InputError(f"jpeg_quality={jpeg_quality}: must be 1..100")
-    if shard_size_mb <= 0:
-        raise InputError(f"shard_size_mb={shard_size_mb}: must be > 0")
-    if not splits or len(set(splits)) != len(splits):
-        raise InputError(f"splits={list(splits)}: need distinct split names")
-    if not root.is_dir():
-        raise InputError(f"{root}: no such folder (the Cityscapes root with leftImg8bit/ and gtFine/)")
-    _check_out(out)
-
+    _check_pack_args(root, out, splits, image_format, jpeg_quality, shard_size_mb)
     frames = {s: find_frames(root, s, with_instances=s not in SPLITS_WITHOUT_INSTANCES) for s in splits}
     settings = {
         "image_format": image_format,
@@ -318,28 +307,10 @@ def pack(
     try:
         split_entries = {}
         for split in splits:
-            # shuffle the sample order: DALI reads each rank's slice in order through a small shuffle buffer
-            order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(frames[split]))
-            jobs = [(frames[split][i], root, split, image_format, jpeg_quality) for i in order]
             writer = ShardWriter(tmp, split, int(shard_size_mb * 1e6))
-            pixels = np.zeros(256, np.int64)
-            results = pool.imap(encode_frame, jobs, chunksize=1) if pool else map(encode_frame, jobs)
-            for key, members, counts in tqdm(results, total=len(jobs), desc=f"pack {split}", unit="frame"):
-                writer.write(key, members)
-                pixels += counts
-            shards = writer.close()
-            components = [image_format, "label.png"] + ([] if frames[split][0].instance is None else ["instance.png"])
-            split_entries[split] = {
-                "num_samples": len(jobs),
-                "height": sizes[split][0],
-                "width": sizes[split][1],
-                "components": components + ["json"],
-                "cities": sorted({fr.city for fr in frames[split]}),
-                "class_pixels": [int(c) for c in pixels[:NUM_CLASSES]],
-                "ignore_pixels": int(pixels[IGNORE_INDEX]),
-                "bytes": sum(sh["bytes"] for sh in shards),
-                "shards": shards,
-            }
+            split_entries[split] = _pack_split(
+                writer, pool, root, split, frames[split], sizes[split], image_format, jpeg_quality, seed
+            )
         manifest = {
             "format": FORMAT,
             "packer": PACKER,
@@ -353,13 +324,7 @@ def pack(
             "splits": split_entries,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")  # last: the folder is whole now
-        if out.exists():  # an older shard folder (checked above): swap it out, then drop it
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -372,6 +337,70 @@ def pack(
             pool.close()
             pool.join()
     return manifest
+
+
+def _check_pack_args(
+    root: Path, out: Path, splits: Sequence[str], image_format: str, jpeg_quality: int, shard_size_mb: float
+) -> None:
+    """InputError for settings that cannot be packed, a missing root, or an `out` that is not a shard folder."""
+    if image_format not in ("jpg", "png"):
+        raise InputError(f"image_format={image_format!r}: must be 'jpg' or 'png'")
+    if not 1 <= jpeg_quality <= 100:
+        raise InputError(f"jpeg_quality={jpeg_quality}: must be 1..100")
+    if shard_size_mb <= 0:
+        raise InputError(f"shard_size_mb={shard_size_mb}: must be > 0")
+    if not splits or len(set(splits)) != len(splits):
+        raise InputError(f"splits={list(splits)}: need distinct split names")
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder (the Cityscapes root with leftImg8bit/ and gtFine/)")
+    _check_out(out)
+
+
+def _pack_split(
+    writer: ShardWriter,
+    pool,
+    root: Path,
+    split: str,
+    frames: list[Frame],
+    hw: tuple[int, int],
+    image_format: str,
+    jpeg_quality: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Encode one split's frames (in `pool` if there is one) into `writer`'s tars; return its manifest entry."""
+    # shuffle the sample order: DALI reads each rank's slice in order through a small shuffle buffer
+    order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(frames))
+    jobs = [(frames[i], root, split, image_format, jpeg_quality) for i in order]
+    pixels = np.zeros(256, np.int64)
+    results = pool.imap(encode_frame, jobs, chunksize=1) if pool else map(encode_frame, jobs)
+    for key, members, counts in tqdm(results, total=len(jobs), desc=f"pack {split}", unit="frame"):
+        writer.write(key, members)
+        pixels += counts
+    shards = writer.close()
+    components = [image_format, "label.png"] + ([] if frames[0].instance is None else ["instance.png"])
+    return {
+        "num_samples": len(jobs),
+        "height": hw[0],
+        "width": hw[1],
+        "components": components + ["json"],
+        "cities": sorted({fr.city for fr in frames}),
+        "class_pixels": [int(c) for c in pixels[:NUM_CLASSES]],
+        "ignore_pixels": int(pixels[IGNORE_INDEX]),
+        "bytes": sum(sh["bytes"] for sh in shards),
+        "shards": shards,
+    }
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an older shard folder there (checked by _check_out) is swapped out
+    first, then dropped, so `out` is never a half-written folder."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

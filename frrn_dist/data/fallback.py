@@ -1,6 +1,6 @@
 """The plain-PyTorch loader for machines without DALI: same shards, same recipes, same Batch, same sharding.
 
-Imports: numpy, torch, PIL, frrn_dist.data.{manifest, recipes, shardindex, state}; never loaders.py, which
+Imports: numpy, torch, PIL, frrn_dist.data.{manifest, recipes, shardindex, spec, state}; never loaders.py, which
 imports this (the checkpoint format both share lives in state.py).
 
 It reads the WebDataset tars through their `.idx` files (byte offsets), not through webdataset's sequential
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from frrn_dist.data.manifest import ShardError
 from frrn_dist.data.recipes import Batch, Recipe, draw_crops, draw_params, finish_batch
 from frrn_dist.data.shardindex import Sample, shard_range
+from frrn_dist.data.spec import LoaderBase, LoaderSpec
 from frrn_dist.data.state import pack_state
 
 
@@ -138,80 +139,63 @@ class _Specs:
         return len(self.specs)
 
 
-def _worker_context():
+def worker_context(preload: str):
+    """The DataLoader workers' multiprocessing context (the stream backend's too): a forkserver, not a fork."""
     ctx = mp.get_context("forkserver")
-    # Workers fork from a server that has imported torch, PIL and this module once (if nobody started it yet).
-    ctx.set_forkserver_preload(["frrn_dist.data.fallback"])
+    # Workers fork from a server that has imported torch, PIL and `preload` once (if nobody started it yet), not
+    # from this process: forking a process that runs DALI's, gloo's (or any) thread pools can leave the child
+    # waiting forever on a lock some thread held at the fork (seen here with DALI alive).
+    ctx.set_forkserver_preload([preload])
     return ctx
 
 
-class TorchLoader:
+def batch_on(device: torch.device, out: dict) -> Batch:
+    """A worker's finished tensors (a dict) as a Batch on `device`."""
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return Batch(
+        images=to(out["images"]),
+        labels=to(out["labels"]),
+        keys=list(out["keys"]),
+        full_labels=to(out.get("full_labels")),
+        full_instances=to(out.get("full_instances")),
+    )
+
+
+class TorchLoader(LoaderBase):
     """The fallback backend. Same public surface as the DALI loader: len, iteration by epochs, state()."""
 
-    def __init__(
-        self,
-        *,
-        samples: list[Sample],
-        recipe: Recipe,
-        image_ext: str,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_batches: int,
-        drop_last: bool,
-        full_res_targets: bool,
-        instances: bool,
-        setup: dict,
-        position: dict,
-        device: str,
-        device_id: int | None,
-        num_workers: int,
-        shuffle: bool = True,
-    ):
-        self.recipe, self._setup = recipe, setup
-        self._dataset = _BatchDataset(samples, recipe, image_ext, full_res_targets, instances)
-        self._num_samples, self._batch_size = len(samples), micro_batch_size
-        self._rank, self._world_size, self._seed = rank, world_size, seed
-        self._num_batches, self._drop_last, self._shuffle = num_batches, drop_last, shuffle
-        self._device = torch.device(device, device_id) if device == "cuda" else torch.device(device)
-        self._num_workers = num_workers
-        self._epoch = int(position.get("epoch", 0))
-        self._done = int(position.get("batches_done", 0))
+    def __init__(self, spec: LoaderSpec, *, samples: list[Sample]):
+        super().__init__(spec)
+        self._dataset = _BatchDataset(samples, spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances)
+        self._num_samples = len(samples)
+        self._device = spec.torch_device
         self._sampler, self._loader = _Specs(), None
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed since the loader (or the run it was checkpointed from) started."""
-        return self._epoch
 
     def epoch_plan(self, epoch: int) -> list[list[tuple[int, np.ndarray, tuple[int, int]]]]:
         """This rank's batches of `epoch`: lists of (sample index, random row, crop corner)."""
+        spec = self.spec
         # Like DALI, every rank moves on to the next slice each epoch (so a dropped tail differs per epoch).
-        lo, hi = shard_range(self._num_samples, (self._rank + epoch) % self._world_size, self._world_size)
+        lo, hi = shard_range(self._num_samples, (spec.rank + epoch) % spec.world_size, spec.world_size)
         order = np.arange(lo, hi)
-        if self._drop_last:
-            rng = np.random.default_rng([self._seed + self._rank, epoch])
-            order = rng.permutation(order) if self._shuffle else order
+        if spec.drop_last:
+            rng = np.random.default_rng([spec.seed + spec.rank, epoch])
+            order = rng.permutation(order) if spec.shuffle else order
             params, crops = draw_params(rng, len(order), self.recipe), draw_crops(rng, len(order), self.recipe)
         else:
             params = np.zeros((len(order), 4), np.float32)
             crops = np.zeros((len(order), 2), np.int64)
         rows = [(int(i), params[k], (int(crops[k, 0]), int(crops[k, 1]))) for k, i in enumerate(order)]
-        b = self._batch_size
+        b = spec.micro_batch_size
         # Evaluation: short (or empty) last batches on the ranks with the smaller slices, never a repeat.
-        return [rows[k * b : (k + 1) * b] for k in range(self._num_batches)]
+        return [rows[k * b : (k + 1) * b] for k in range(spec.num_batches)]
 
     def __iter__(self):
-        if self._done >= self._num_batches:
+        if self._done >= self.spec.num_batches:
             self._epoch, self._done = self._epoch + 1, 0
         epoch = self._epoch
         self._sampler.specs = self.epoch_plan(epoch)[self._done :]
         if self._loader is None:
-            workers = self._num_workers
+            workers = self.spec.num_threads
             self._loader = DataLoader(
                 self._dataset,
                 batch_size=None,  # the dataset returns whole batches
@@ -219,25 +203,16 @@ class TorchLoader:
                 num_workers=workers,
                 pin_memory=self._device.type == "cuda",
                 prefetch_factor=2 if workers else None,
-                # Workers live as long as the loader (no start-up per epoch) and come from a forkserver, not a
-                # fork of this process: forking a process that runs DALI's (or any) thread pools can leave the
-                # child waiting forever on a lock some thread held at the fork (seen here with DALI alive).
+                # Workers live as long as the loader (no start-up per epoch) and come from a forkserver.
                 persistent_workers=workers > 0,
-                multiprocessing_context=_worker_context() if workers else None,
+                multiprocessing_context=worker_context("frrn_dist.data.fallback") if workers else None,
             )
-        to = lambda t: None if t is None else t.to(self._device, non_blocking=True)
         for out in self._loader:
             if "error" in out:
                 raise ShardError(out["error"])
             self._done += 1
-            yield Batch(
-                images=to(out["images"]),
-                labels=to(out["labels"]),
-                keys=list(out["keys"]),
-                full_labels=to(out.get("full_labels")),
-                full_instances=to(out.get("full_instances")),
-            )
+            yield batch_on(self._device, out)
 
     def state(self) -> bytes:
         """Bytes that resume this loader where it is (epoch and batches done; the rest is replayed)."""
-        return pack_state(self._setup, dict(epoch=self._epoch, batches_done=self._done))
+        return pack_state(self.spec.setup, dict(epoch=self._epoch, batches_done=self._done))

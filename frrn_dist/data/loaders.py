@@ -1,6 +1,6 @@
 """`build_loader`: batches of (images, labels) from the shards, by DALI or by the plain-PyTorch fallback.
 
-Imports: torch, frrn_dist.data.{manifest, recipes, shardindex, state}; inside functions (only the backend in use
+Imports: torch, frrn_dist.data.{manifest, recipes, shardindex, spec, state}; inside functions (only the backend in use
 loads) nvidia.dali, PIL, frrn_dist.data.{dali, fallback}. Re-exports LoaderError, ShardError, RecipeError, Batch.
 
     loader = build_loader(shard_dir, "train", backend="dali", recipe="paper", input_hw=(256, 512),
@@ -30,6 +30,7 @@ import torch
 from frrn_dist.data.manifest import BACKOFF_S, RETRIES, ShardError, is_url, location, split_files, split_info
 from frrn_dist.data.recipes import Batch, Recipe, RecipeError, finish_batch, make_recipe
 from frrn_dist.data.shardindex import index_split
+from frrn_dist.data.spec import LoaderBase, LoaderSpec, sample_components
 from frrn_dist.data.state import LoaderError, pack_state, unpack_state
 
 if TYPE_CHECKING:
@@ -86,6 +87,49 @@ def build_loader(
     num_threads DataLoader workers, retrying transient failures `retries` times (waits from retry_backoff_s,
     doubling); on_error="skip" leaves out (and counts) samples it cannot read instead of stopping.
     """
+    _check_arguments(
+        shard_dir, backend=backend, device=device, rank=rank, world_size=world_size,
+        micro_batch_size=micro_batch_size, shuffle_buffer=shuffle_buffer, num_threads=num_threads, on_error=on_error,
+    )  # fmt: skip
+    info = split_info(shard_dir, split)
+    image_ext = _image_ext(shard_dir, split, info)
+    plan = _recipe(
+        recipe, info, input_hw=input_hw, translate_px=translate_px, gamma_z=gamma_z, flip=flip,
+        full_res_targets=full_res_targets,
+    )  # fmt: skip
+    instances = full_res_targets and "instance.png" in info.get("components", [])
+    needed = sample_components(image_ext, instances)
+    samples = index_split(shard_dir, split, needed) if backend != "stream" else None  # stream: no .idx up front
+    num_samples = len(samples) if samples is not None else info["num_samples"]
+    drop_last = recipe != "eval"
+    num_batches = _batches_per_epoch(shard_dir, split, num_samples, world_size, micro_batch_size, drop_last)
+    device_id = _device_id(device, device_id)
+    setup = _checkpoint_setup(
+        backend, split, plan, num_samples=num_samples, micro_batch_size=micro_batch_size, rank=rank,
+        world_size=world_size, seed=seed, full_res_targets=full_res_targets, shuffle=shuffle and drop_last,
+        shuffle_buffer=shuffle_buffer, workers=max(1, min(num_threads, num_batches)),
+    )  # fmt: skip
+    position, payload = unpack_state(checkpoint, setup) if checkpoint is not None else ({}, None)
+    spec = LoaderSpec(
+        recipe=plan, image_ext=image_ext, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+        seed=seed, num_batches=num_batches, drop_last=drop_last, shuffle=setup["shuffle"],
+        full_res_targets=full_res_targets, instances=instances, device=device, device_id=device_id,
+        num_threads=num_threads, setup=setup, position=position,
+    )  # fmt: skip
+    return _backend_loader(
+        backend, spec, shard_dir=shard_dir, split=split, info=info, samples=samples, dali_checkpoint=payload,
+        shuffle_buffer=shuffle_buffer, retries=retries, retry_backoff_s=retry_backoff_s, on_error=on_error,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# build_loader's steps, in the order it runs them (the order decides which error a doubly bad call reports)
+
+
+def _check_arguments(
+    shard_dir, *, backend, device, rank, world_size, micro_batch_size, shuffle_buffer, num_threads, on_error
+) -> None:
+    """LoaderError for arguments that are wrong whatever the shards hold."""
     if backend not in BACKENDS:
         raise LoaderError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if device not in ("cpu", "cuda"):
@@ -98,7 +142,6 @@ def build_loader(
         raise LoaderError(f"shuffle_buffer={shuffle_buffer}: must be >= 1 (samples held for DALI's shuffle)")
     if num_threads < (1 if backend == "dali" else 0):
         raise LoaderError(f"num_threads={num_threads}: DALI needs at least 1")
-
     if backend != "stream" and is_url(shard_dir):
         raise LoaderError(
             f"{shard_dir}: backend={backend!r} needs files (local or on a shared filesystem); to train from a URL "
@@ -106,39 +149,60 @@ def build_loader(
         )
     if backend != "stream" and on_error != "stop":
         raise LoaderError(f"on_error={on_error!r}: only backend='stream' can skip unreadable samples")
-    info = split_info(shard_dir, split)
+
+
+def _image_ext(shard_dir, split: str, info: dict) -> str:
+    """The split's image member: "jpg" or "png" (ShardError if the manifest lists neither)."""
     components = info.get("components", [])
     image_ext = next((e for e in ("jpg", "png") if e in components), None)
     if image_ext is None:
         raise ShardError(f"{location(shard_dir, 'manifest.json')}: split {split!r} lists no jpg or png image component")
-    plan = make_recipe(
-        recipe,
-        source_hw=(info["height"], info["width"]),
-        input_hw=input_hw,
-        translate_px=translate_px,
-        gamma_z=gamma_z,
-        flip=flip,
-    )
+    return image_ext
+
+
+def _recipe(recipe: str, info: dict, *, full_res_targets: bool, **recipe_args) -> Recipe:
+    """The recipe for the split's frames (RecipeError if it does not fit them); recipe_args: make_recipe's."""
+    plan = make_recipe(recipe, source_hw=(info["height"], info["width"]), **recipe_args)
     if full_res_targets and plan.region_hw != plan.source_hw:
         raise LoaderError(f"full_res_targets=True needs a whole-frame recipe ('paper' or 'eval'), not {recipe!r}")
-    instances = full_res_targets and "instance.png" in components
-    needed = [image_ext, "label.png", "json"] + (["instance.png"] if instances else [])
-    samples = index_split(shard_dir, split, needed) if backend != "stream" else None  # stream: no .idx up front
-    num_samples = len(samples) if samples is not None else info["num_samples"]
+    return plan
 
-    drop_last = recipe != "eval"
+
+def _batches_per_epoch(shard_dir, split: str, num_samples: int, world_size: int, micro_batch_size: int, drop_last):
     num_batches = epoch_batches(num_samples, world_size, micro_batch_size, drop_last=drop_last)
     if num_batches == 0 or num_samples < world_size:
         raise LoaderError(
             f"{shard_dir}: split {split!r} has {num_samples} samples, too few for {world_size} rank(s) x "
             f"micro_batch_size {micro_batch_size} (each rank needs a sample, in training a full batch)"
         )
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise LoaderError("device='cuda' but torch sees no CUDA device (use device='cpu')")
-        device_id = torch.cuda.current_device() if device_id is None else device_id
+    return num_batches
 
-    # Everything that must match for a checkpoint to resume this loader.
+
+def _device_id(device: str, device_id: int | None) -> int | None:
+    """The CUDA device to use (default: the current one); LoaderError if there is none."""
+    if device != "cuda":
+        return device_id
+    if not torch.cuda.is_available():
+        raise LoaderError("device='cuda' but torch sees no CUDA device (use device='cpu')")
+    return torch.cuda.current_device() if device_id is None else device_id
+
+
+def _checkpoint_setup(
+    backend: str,
+    split: str,
+    plan: Recipe,
+    *,
+    num_samples: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    full_res_targets: bool,
+    shuffle: bool,
+    shuffle_buffer: int,
+    workers: int,
+) -> dict:
+    """Everything that must match for a checkpoint to resume this loader (state.unpack_state compares it)."""
     setup = dict(
         backend=backend,
         split=split,
@@ -153,89 +217,61 @@ def build_loader(
         gamma_z=plan.gamma_z,
         flip=plan.flip,
         full_res_targets=full_res_targets,
-        shuffle=shuffle and drop_last,
+        shuffle=shuffle,
     )
     if backend == "dali":
         import nvidia.dali
 
         # A DALI checkpoint restores only into the same graph (the shuffle buffer is part of it) and version.
         setup.update(shuffle_buffer=shuffle_buffer, dali=nvidia.dali.__version__)
-    if backend == "stream":  # the plan depends on these too (frrn_dist.data.stream)
-        setup.update(shuffle_buffer=shuffle_buffer, workers=max(1, min(num_threads, num_batches)), stream=1)
-    position, payload = unpack_state(checkpoint, setup) if checkpoint is not None else ({}, None)
-    common = dict(
-        recipe=plan,
-        image_ext=image_ext,
-        micro_batch_size=micro_batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        num_batches=num_batches,
-        drop_last=drop_last,
-        full_res_targets=full_res_targets,
-        instances=instances,
-        setup=setup,
-        position=position,
-    )
+    if backend == "stream":  # the plan depends on these too (frrn_dist.data.stream: workers = W)
+        setup.update(shuffle_buffer=shuffle_buffer, workers=workers, stream=1)
+    return setup
+
+
+def _backend_loader(
+    backend: str,
+    spec: LoaderSpec,
+    *,
+    shard_dir,
+    split: str,
+    info: dict,
+    samples: list | None,
+    dali_checkpoint: bytes | None,
+    shuffle_buffer: int,
+    retries: int,
+    retry_backoff_s: float,
+    on_error: str,
+) -> DaliLoader | TorchLoader | StreamLoader:
+    """The backend's loader: the spec plus what only that backend needs."""
     if backend == "torch":
         from frrn_dist.data.fallback import TorchLoader
 
-        return TorchLoader(
-            **common,
-            samples=samples,
-            device=device,
-            device_id=device_id,
-            num_workers=num_threads,
-            shuffle=setup["shuffle"],
-        )
+        return TorchLoader(spec, samples=samples)
     if backend == "stream":
         from frrn_dist.data.stream import StreamLoader
 
         return StreamLoader(
-            **common, shard_dir=shard_dir, shards=info["shards"], shuffle=setup["shuffle"], device=device,
-            device_id=device_id, num_workers=num_threads, shuffle_buffer=shuffle_buffer, retries=retries,
+            spec, shard_dir=shard_dir, shards=info["shards"], shuffle_buffer=shuffle_buffer, retries=retries,
             retry_backoff_s=retry_backoff_s, on_error=on_error,
         )  # fmt: skip
     tars, idxs = split_files(shard_dir, split)
     return DaliLoader(
-        **common,
-        tars=tars,
-        idxs=idxs,
-        device=device,
-        device_id=device_id,
-        num_threads=num_threads,
-        shuffle_buffer=shuffle_buffer,
-        shuffle=setup["shuffle"],
-        dali_checkpoint=payload,
+        spec, tars=tars, idxs=idxs, shuffle_buffer=shuffle_buffer, dali_checkpoint=dali_checkpoint,
         what=f"{Path(shard_dir)}/{split}",
-    )
+    )  # fmt: skip
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """The DALI backend: frrn_pipeline behind a DALIGenericIterator, finished by recipes.finish_batch."""
 
     def __init__(
         self,
+        spec: LoaderSpec,
         *,
-        recipe: Recipe,
-        image_ext: str,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_batches: int,
-        drop_last: bool,
-        full_res_targets: bool,
-        instances: bool,
-        setup: dict,
-        position: dict,
-        device: str,
-        device_id: int | None,
-        num_threads: int,
-        shuffle_buffer: int,
-        shuffle: bool,
         tars: list[str],
         idxs: list[str],
+        shuffle_buffer: int,
         dali_checkpoint: bytes | None,
         what: str,
     ):
@@ -243,26 +279,23 @@ class DaliLoader:
 
         from frrn_dist.data.dali import frrn_pipeline, output_names
 
-        self.recipe, self._setup, self._what = recipe, setup, what
-        self._tars, self._idxs = tars, idxs
-        self._num_batches, self._full_res = num_batches, full_res_targets
-        self._epoch = int(position.get("epoch", 0))
-        self._done = int(position.get("batches_done", 0))  # batches handed out in the current epoch
+        super().__init__(spec)
+        self._tars, self._idxs, self._what = tars, idxs, what
         pipe = frrn_pipeline(
             tars=tars,
             idxs=idxs,
-            image_ext=image_ext,
-            recipe=recipe,
-            shard_id=rank,
-            num_shards=world_size,
-            shuffle=shuffle,
+            image_ext=spec.image_ext,
+            recipe=spec.recipe,
+            shard_id=spec.rank,
+            num_shards=spec.world_size,
+            shuffle=spec.shuffle,
             shuffle_buffer=shuffle_buffer,
-            decode_device="mixed" if device == "cuda" else "cpu",
-            instances=instances,
-            batch_size=micro_batch_size,
-            num_threads=num_threads,
-            device_id=device_id if device == "cuda" else None,
-            seed=seed + rank,
+            decode_device="mixed" if spec.device == "cuda" else "cpu",
+            instances=spec.instances,
+            batch_size=spec.micro_batch_size,
+            num_threads=spec.num_threads,
+            device_id=spec.device_id if spec.device == "cuda" else None,
+            seed=spec.seed + spec.rank,
             checkpoint=dali_checkpoint,
         )
         # PARTIAL for both: with padded slices it is the only policy whose every epoch covers each sample once.
@@ -273,25 +306,17 @@ class DaliLoader:
         self._it = self._call(
             DALIGenericIterator,
             [pipe],
-            output_names(recipe, instances),
+            output_names(spec.recipe, spec.instances),
             reader_name="Reader",
             last_batch_policy=LastBatchPolicy.PARTIAL,
             auto_reset=True,
         )
 
-    def __len__(self) -> int:
-        return self._num_batches
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed since the loader (or the run it was checkpointed from) started."""
-        return self._epoch
-
     def __iter__(self):
-        if self._done >= self._num_batches:
+        if self._done >= self.spec.num_batches:
             self._end_epoch()
         epoch = self._epoch
-        while self._epoch == epoch and self._done < self._num_batches:
+        while self._epoch == epoch and self._done < self.spec.num_batches:
             out = self._next()
             self._done += 1
             yield self._to_batch(out)
@@ -300,12 +325,12 @@ class DaliLoader:
 
     def state(self) -> bytes:
         """Bytes that resume this loader where it is: same next batch, same random numbers, same epochs after."""
-        if self._done >= self._num_batches:
+        if self._done >= self.spec.num_batches:
             self._end_epoch()  # saved at an epoch's end: resume at the next epoch's start
         checkpoint = self._it.checkpoints()[0]
         if isinstance(checkpoint, str):
             checkpoint = checkpoint.encode()
-        return pack_state(self._setup, dict(epoch=self._epoch, batches_done=self._done), checkpoint)
+        return pack_state(self.spec.setup, dict(epoch=self._epoch, batches_done=self._done), checkpoint)
 
     def _end_epoch(self) -> None:
         # Read and drop whatever the epoch has left (training's surplus), up to DALI's end of epoch.
@@ -333,7 +358,7 @@ class DaliLoader:
         images, small = finish_batch(out["image"], labels, out.get("params"), factor=self.recipe.factor)
         keys = [json.loads(bytes(m.numpy()).rstrip(b"\0"))["key"] for m in out["meta"]]
         batch = Batch(images=images, labels=small, keys=keys)
-        if self._full_res:
+        if self.spec.full_res_targets:
             batch.full_labels = labels  # uint8: a 1024x2048 frame is 2 MB, not 16 MB as int64
             if "instance" in out:
                 batch.full_instances = out["instance"][..., 0].int()

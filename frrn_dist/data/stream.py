@@ -1,6 +1,6 @@
 """`data.backend=stream`: the shards read as streams, from local files or a URL (HTTP, S3, GCS, a pipe: command).
 
-Imports: numpy, torch, webdataset, frrn_dist.data.{fallback, manifest, recipes, shardindex, state}; never
+Imports: numpy, torch, webdataset, frrn_dist.data.{fallback, manifest, recipes, shardindex, spec, state}; never
 loaders.py, which imports this.
 
 DALI and the torch fallback need files they can seek in; this loader needs only a stream per tar, so the shards
@@ -37,7 +37,6 @@ of batches does not change) and counted in `loader.skipped`.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import tarfile
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,10 +46,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from frrn_dist.data.fallback import _BatchDataset
+from frrn_dist.data.fallback import _BatchDataset, batch_on, worker_context
 from frrn_dist.data.manifest import RemoteFile, ShardError, is_url, location
-from frrn_dist.data.recipes import Batch, Recipe, draw_crops, draw_params
+from frrn_dist.data.recipes import Recipe, draw_crops, draw_params
 from frrn_dist.data.shardindex import Sample, shard_range
+from frrn_dist.data.spec import LoaderBase, LoaderSpec, sample_components
 from frrn_dist.data.state import pack_state
 
 ON_ERROR = ("stop", "skip")
@@ -319,38 +319,15 @@ def _plan_batches(plan: WorkerPlan, src: _Source, counts: list[int], decoder: _D
 # In the training process
 
 
-def _worker_context():
-    ctx = mp.get_context("forkserver")
-    # Workers fork from a server that imported torch, PIL and this module once; never a fork of this process,
-    # which may run DALI's or gloo's threads (a lock held at the fork can hang the child: see fallback.py).
-    ctx.set_forkserver_preload(["frrn_dist.data.stream"])
-    return ctx
-
-
-class StreamLoader:
+class StreamLoader(LoaderBase):
     """The stream backend. Same public surface as the other loaders: len, iteration by epochs, .epoch, state()."""
 
     def __init__(
         self,
+        spec: LoaderSpec,
         *,
         shard_dir: str,
         shards: list[dict],
-        recipe: Recipe,
-        image_ext: str,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_batches: int,
-        drop_last: bool,
-        shuffle: bool,
-        full_res_targets: bool,
-        instances: bool,
-        setup: dict,
-        position: dict,
-        device: str,
-        device_id: int | None,
-        num_workers: int,
         shuffle_buffer: int,
         retries: int,
         retry_backoff_s: float,
@@ -358,23 +335,20 @@ class StreamLoader:
     ):
         if on_error not in ON_ERROR:
             raise ShardError(f"on_error={on_error!r}: expected one of {', '.join(ON_ERROR)}")
-        self.recipe, self._setup = recipe, setup
-        components = [image_ext, "label.png", "json"] + (["instance.png"] if instances else [])
+        super().__init__(spec)
+        components = sample_components(spec.image_ext, spec.instances)
         self._src = _Source(str(shard_dir), shards, components, retries, retry_backoff_s)
         self._counts = [int(sh["num_samples"]) for sh in shards]
-        self._decoder = _Decoder(recipe, image_ext, full_res_targets, instances)
+        self._decoder = _Decoder(spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances)
         self._plan_args = dict(
-            rank=rank, world_size=world_size, seed=seed, num_batches=num_batches, micro_batch_size=micro_batch_size,
-            drop_last=drop_last, shuffle=shuffle, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            recipe=recipe,
+            rank=spec.rank, world_size=spec.world_size, seed=spec.seed, num_batches=spec.num_batches,
+            micro_batch_size=spec.micro_batch_size, drop_last=spec.drop_last, shuffle=spec.shuffle,
+            num_workers=spec.num_threads, shuffle_buffer=shuffle_buffer, recipe=spec.recipe,
         )  # fmt: skip
-        self._num_batches, self._num_workers, self._skip = num_batches, num_workers, on_error == "skip"
-        self._seed, self._shuffle = seed, shuffle and drop_last
-        self._device = torch.device(device, device_id) if device == "cuda" else torch.device(device)
-        self._epoch = int(position.get("epoch", 0))
-        self._done = int(position.get("batches_done", 0))  # batches handed out in the current epoch
-        self._samples_done = int(position.get("samples_done", 0))
-        self._order = position.get("tar_order")  # the current epoch's tar order (None: not decided yet)
+        self._skip = on_error == "skip"
+        self._device = spec.torch_device
+        self._samples_done = int(spec.position.get("samples_done", 0))
+        self._order = spec.position.get("tar_order")  # the current epoch's tar order (None: not decided yet)
         if self._order is not None and sorted(self._order) != list(range(len(shards))):
             raise ShardError(f"checkpoint: tar order {self._order} does not fit the {len(shards)} tars of the split")
         self.skipped: list[str] = []  # on_error="skip": one line per sample left out
@@ -386,17 +360,9 @@ class StreamLoader:
         )
         self._loader = None
 
-    def __len__(self) -> int:
-        return self._num_batches
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed since the loader (or the run it was checkpointed from) started."""
-        return self._epoch
-
     def tar_order(self, epoch: int) -> list[int]:
         """Indices (into the manifest's list) of the tars in the order `epoch` reads them."""
-        return tar_order(len(self._counts), self._seed, epoch, self._shuffle)
+        return tar_order(len(self._counts), self.spec.seed, epoch, self.spec.shuffle)
 
     def plan(self, epoch: int, order: list[int] | None = None) -> list[WorkerPlan]:
         """Every worker's plan of `epoch` (see the module docstring)."""
@@ -404,14 +370,14 @@ class StreamLoader:
         return plan_epoch(self._counts, order, epoch=epoch, **self._plan_args)
 
     def __iter__(self):
-        if self._done >= self._num_batches:
+        if self._done >= self.spec.num_batches:
             self._next_epoch()
         if self._order is None:
             self._order = self.tar_order(self._epoch)
         epoch = self._epoch
         self._ticket.copy_(torch.tensor([epoch, self._done, *self._order]))
-        if self._loader is None and self._num_workers > 0:
-            workers = max(1, min(self._num_workers, self._num_batches))
+        if self._loader is None and self.spec.num_threads > 0:
+            workers = max(1, min(self.spec.num_threads, self.spec.num_batches))
             self._loader = DataLoader(
                 self._pipeline,
                 batch_size=None,  # the pipeline yields whole batches
@@ -419,12 +385,11 @@ class StreamLoader:
                 prefetch_factor=2,
                 pin_memory=self._device.type == "cuda",
                 persistent_workers=True,  # no worker start-up per epoch (or per evaluation)
-                multiprocessing_context=_worker_context(),
+                multiprocessing_context=worker_context("frrn_dist.data.stream"),
             )
         it = iter(self._loader if self._loader is not None else self._pipeline)
         pending = {}  # batches that arrived before their turn (workers run side by side)
-        to = lambda t: None if t is None else t.to(self._device, non_blocking=True)
-        while self._epoch == epoch and self._done < self._num_batches:
+        while self._epoch == epoch and self._done < self.spec.num_batches:
             while self._done not in pending:
                 out = next(it, None)
                 if out is None:
@@ -436,13 +401,7 @@ class StreamLoader:
             self.skipped.extend(out["skipped"])
             self._done += 1
             self._samples_done += len(out["keys"])
-            yield Batch(
-                images=to(out["images"]),
-                labels=to(out["labels"]),
-                keys=list(out["keys"]),
-                full_labels=to(out.get("full_labels")),
-                full_instances=to(out.get("full_instances")),
-            )
+            yield batch_on(self._device, out)
         if self._epoch == epoch:
             self._next_epoch()
 
@@ -451,7 +410,7 @@ class StreamLoader:
         position = dict(
             epoch=self._epoch, batches_done=self._done, samples_done=self._samples_done, tar_order=self._order
         )
-        return pack_state(self._setup, position)
+        return pack_state(self.spec.setup, position)
 
     def _next_epoch(self) -> None:
         self._epoch, self._done, self._samples_done, self._order = self._epoch + 1, 0, 0, None
