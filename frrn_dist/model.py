@@ -199,6 +199,10 @@ def _run(fn: Callable, *args: torch.Tensor, checkpointed: bool):
         return fn(*args)
     # non-reentrant: works inside DeepSpeed and under autocast (replayed on recompute); the model draws no random
     # numbers, so skip saving RNG states
+    if torch.compiler.is_compiling():
+        # torch.compile recomputes inside its own backward graph and updates BN statistics once (tested), and it
+        # accepts no context_fn but TorchDispatchModes: no recompute guard there
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts, preserve_rng_state=False)
 
 

@@ -20,11 +20,12 @@ $PY -m frrn_dist.shards --root "$DATA" --out "$SHARDS"
 echo "== 3/4 training FRRN-A with DeepSpeed on 2 CPU ranks (configs/demo.yaml)"
 rm -rf "$RUN"
 "$BIN/deepspeed" --num_accelerators 2 launch/train.py --config configs/demo.yaml
-echo "== 4/4 evaluation at full resolution (Cityscapes protocol)"
+echo "== 4/4 evaluation at full resolution (Cityscapes protocol): single scale, then with flipped views"
 $PY launch/evaluate.py --checkpoint "$RUN" --shards "$SHARDS" --split val --out "$RUN/eval-val"
+$PY launch/evaluate.py --checkpoint "$RUN" --shards "$SHARDS" --split val --out "$RUN/eval-val-flip" --flip | tail -n 3
 
 echo
 echo "demo finished in ${SECONDS}s"
-echo "  scores:       $RUN/eval-val/metrics.json (tables above)"
+echo "  scores:       $RUN/eval-val/metrics.json (tables above), with flipped views: $RUN/eval-val-flip/metrics.json"
 echo "  pictures:     $RUN/samples/ (image | ground truth | prediction), $RUN/curves.png, $RUN/eval-val/*.png"
 echo "  wandb (offline): $(ls -d $RUN/wandb/offline-run-* 2>/dev/null | head -1)  -> upload with: wandb sync $RUN/wandb"

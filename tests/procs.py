@@ -52,6 +52,20 @@ def tiny(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
+def saving_every_two(shard_dir: Path, out_dir: Path, name: str, steps: int, *extra: str) -> list[str]:
+    """A tiny run of `steps` steps that checkpoints every 2 and never evaluates or logs to wandb in between."""
+    return tiny(shard_dir, out_dir, name, f"train.max_steps={steps}", "train.save_every_steps=2",
+                "train.eval_every_steps=0", "wandb.enabled=false", *extra)  # fmt: skip
+
+
+def start_train(overrides: list[str], ranks: int = 2) -> subprocess.Popen:
+    """A run in its own process group (so a test can SIGKILL the launcher and its ranks at once), output dropped."""
+    return subprocess.Popen(
+        train_cmd(overrides, ranks), env=_env(), cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def train_cmd(overrides: list[str], ranks: int, script: Path | None = None) -> list[str]:
     """`python launch/train.py ...` for one rank, `deepspeed --num_accelerators N ...` for more."""
     argv = [str(script or ROOT / "launch/train.py"), *overrides]

@@ -22,22 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .procs import BIN, ROOT, _env, _port, run_train, tiny
+from .procs import BIN, ROOT, _env, _port, run_train, saving_every_two, tiny
 
 STEPS = 4  # a checkpoint at 2 (kept) and at 4 (the end)
 
 
 def overrides(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
-    return tiny(
-        shard_dir,
-        out_dir,
-        name,
-        f"train.max_steps={STEPS}",
-        "train.save_every_steps=2",
-        "train.eval_every_steps=0",
-        "wandb.enabled=false",
-        *extra,
-    )
+    return saving_every_two(shard_dir, out_dir, name, STEPS, *extra)
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:

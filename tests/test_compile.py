@@ -1,16 +1,25 @@
 """torch.compile (inductor) of FRRN-A gives eager's logits, gradients and BN statistics.
 
-fp32 and bf16 autocast, checkpointing off and unit, FRRN-A at 32x64, batch 2, one training step. The yardstick is
-an fp64 eager run of the same weights: per parameter, the compiled gradient's relative error must stay within
-ERROR_FACTOR times eager's own (+ a small floor). Eager fp32 itself is off by up to ~2% on the deep encoder's
-parameters here (BN over 2x2x4 values at 1/16 resolution amplifies rounding); the inductor bug this caught
-(frrn_dist/hardware.py, maybe_compile) put compiled errors at 20-80%.
-Slow: inductor builds C++ kernels on 2 cores (see maybe_compile for the times).
+One training step of FRRN-A at 32x64, batch 2, fp32 and bf16 autocast, checkpointing off and unit, against an fp64
+eager run of the same weights. Stated tolerance:
+- fp32: per parameter (and for the logits and every BN buffer), the compiled result's relative error from fp64 is
+  at most ERROR_FACTOR x eager fp32's own (or FLOOR). Measured after the fix: 2-4x eager's (median 2.9x; ATen's CPU
+  BatchNorm accumulates fp32 sums in double, inductor in fp32). Eager fp32 itself is up to ~2% off on the deep
+  encoder here (BN over 2x2x4 values at 1/16 amplifies rounding). The inductor bug this caught
+  (frrn_dist/hardware.py, maybe_compile) put compiled errors at 20-80%, 40-100x eager's, in fp64 as in fp32.
+- bf16: at initialisation bf16 autocast itself is noise-dominated here (eager bf16 vs fp64: logits ~20%, gradients
+  ~80% relative), so the check is statistical: the median and 90th percentile of the per-parameter errors, the
+  logits' and the BN buffers' errors at most BF16_FACTOR x eager bf16's. A doubled BN update (checkpointing)
+  would be ~100% off on the running means and shows.
+Slow: inductor builds C++ kernels for the whole network on 2 cores, ~2.5 min per case cold, ~1 min from its
+on-disk cache. The default runs two cases (fp32/off, bf16/unit: both precisions, both checkpointing modes);
+FRRN_TEST_COMPILE=all runs all four.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -19,8 +28,11 @@ from frrn_dist.hardware import maybe_compile
 from frrn_dist.model import FRRN
 
 HW, BATCH = (32, 64), 2
-ERROR_FACTOR = 8.0
-FLOOR = {"fp32": 1e-4, "bf16": 2e-2}  # relative error allowed whatever eager's own is
+ERROR_FACTOR = 8.0  # fp32, per tensor
+FLOOR = 1e-4  # fp32 relative error allowed whatever eager's own is
+BF16_FACTOR = 1.5  # bf16, on the statistics
+CASES = [("fp32", "off"), ("bf16", "unit"), ("fp32", "unit"), ("bf16", "off")]
+DEFAULT_CASES = CASES[:2]
 
 
 def _step(model, x, weights, bf16: bool):
@@ -42,12 +54,32 @@ def test_compile_off_returns_the_model_itself():
     assert maybe_compile(model, False) is model
 
 
-CASES = [("fp32", "off"), ("fp32", "unit"), ("bf16", "off"), ("bf16", "unit")]
+def _check_fp32(eager, compiled, ref) -> None:
+    for i, what in enumerate(("logits", "gradient", "BN buffer")):
+        items = {"": (eager[0], compiled[0], ref[0])} if i == 0 else {
+            n: (eager[i][n], compiled[i][n], ref[i][n]) for n in ref[i]
+        }  # fmt: skip
+        for name, (e, c, r) in items.items():
+            allowed = max(ERROR_FACTOR * _rel(e, r), FLOOR)
+            assert _rel(c, r) <= allowed, f"{what} {name}: compiled {_rel(c, r):.2e} from fp64, eager {_rel(e, r):.2e}"
+
+
+def _check_bf16(eager, compiled, ref) -> None:
+    assert _rel(compiled[0], ref[0]) <= BF16_FACTOR * _rel(eager[0], ref[0]), "logits"
+    for i, what in ((1, "gradients"), (2, "BN buffers")):
+        e = torch.tensor([_rel(eager[i][n], ref[i][n]) for n in ref[i]])
+        c = torch.tensor([_rel(compiled[i][n], ref[i][n]) for n in ref[i]])
+        for q in (0.5, 0.9):
+            assert c.quantile(q) <= BF16_FACTOR * e.quantile(q), (
+                f"{what}: compiled q{q} {c.quantile(q):.2e}, eager {e.quantile(q):.2e}"
+            )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, checkpointing", CASES)
 def test_compiled_equals_eager(precision, checkpointing):
+    if (precision, checkpointing) not in DEFAULT_CASES and os.environ.get("FRRN_TEST_COMPILE") != "all":
+        pytest.skip("set FRRN_TEST_COMPILE=all for this case (each compiles FRRN-A: minutes on 2 cores)")
     torch.manual_seed(0)
     eager = FRRN("A", checkpointing=checkpointing).train()
     reference = copy.deepcopy(eager).double()
@@ -60,12 +92,4 @@ def test_compiled_equals_eager(precision, checkpointing):
     ref = _step(reference, x, weights, bf16=False)
     got_eager = _step(eager, x.float(), weights, bf16)
     got_compiled = _step(compiled, x.float(), weights, bf16)
-
-    floor = FLOOR[precision]
-    for what, i in (("logits", 0), ("gradient", 1), ("BN statistics", 2)):
-        items = {"": (got_eager[0], got_compiled[0], ref[0])} if i == 0 else {
-            n: (got_eager[i][n], got_compiled[i][n], ref[i][n]) for n in ref[i]
-        }  # fmt: skip
-        for name, (e, c, r) in items.items():
-            allowed = max(ERROR_FACTOR * _rel(e, r), floor)
-            assert _rel(c, r) <= allowed, f"{what} {name}: compiled {_rel(c, r):.2e} from fp64, eager {_rel(e, r):.2e}"
+    (_check_bf16 if bf16 else _check_fp32)(got_eager, got_compiled, ref)

@@ -28,23 +28,14 @@ from frrn_dist.data.loaders import build_loader
 from frrn_dist.data.manifest import ShardError, split_files
 from frrn_dist.data.shardindex import read_index
 
-from .procs import ROOT, _env, run_train, tiny, train_cmd, train_losses
+from .procs import ROOT, _env, run_train, saving_every_two, start_train, tiny, train_cmd, train_losses
 
 STEPS = 6  # checkpoints at 2, 4 and 6 (the end)
 KILL_SEED = 2024
 
 
 def faulty(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
-    return tiny(
-        shard_dir,
-        out_dir,
-        name,
-        f"train.max_steps={STEPS}",
-        "train.save_every_steps=2",
-        "train.eval_every_steps=0",
-        "wandb.enabled=false",
-        *extra,
-    )
+    return saving_every_two(shard_dir, out_dir, name, STEPS, *extra)
 
 
 def latest(run: Path) -> str | None:
@@ -165,14 +156,7 @@ def test_sigkill_during_a_checkpoint_save_resumes_exactly(two_ranks, shard_dir, 
     overrides = faulty(shard_dir, tmp_path, "killed")
     run = tmp_path / "killed"
     tag = run / f"checkpoints/step{save_step:08d}"
-    proc = subprocess.Popen(
-        train_cmd(overrides, 2),
-        env=_env(),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_train(overrides)
     deadline = time.time() + 400
     while not tag.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)  # DeepSpeed makes the tag folder first, then writes ~280 MB into it

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from frrn_dist.data.labels import NUM_CLASSES
 from frrn_dist.tracking import read_metrics
 
-from .procs import BIN, ROOT, _env, _port, run_train, tiny, train_cmd, train_losses  # noqa: F401 (re-exported)
+from .procs import BIN, ROOT, _env, _port, run_train, start_train, tiny, train_cmd, train_losses  # noqa: F401 (re-exported)
 from .wandb_reader import read_run
 
 pytestmark = pytest.mark.slow
@@ -77,14 +77,7 @@ def test_mid_epoch_resume_on_two_ranks_ends_bit_identical(uninterrupted, shard_d
 
 def test_sigkill_mid_training_loses_nothing_before_the_last_checkpoint(uninterrupted, shard_dir, tmp_path):
     overrides = ref_run(shard_dir, tmp_path, "killed", "train.max_steps=8", "train.save_every_steps=2")
-    proc = subprocess.Popen(
-        train_cmd(overrides, 2),
-        env=_env(),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_train(overrides)
     run = tmp_path / "killed"
     deadline = time.time() + 300
     while max(train_losses(run), default=0) < 5 and proc.poll() is None and time.time() < deadline:
