@@ -71,7 +71,7 @@ def build_model(model_cfg: DictConfig) -> FRRN:
 def build_engine(cfg: DictConfig, device: torch.device) -> deepspeed.DeepSpeedEngine:
     """FRRN wrapped in a DeepSpeed engine (optimizer, ZeRO stage, clipping, autocast from the config)."""
     torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
-    model = build_model(cfg.model).to(device)
+    model = hardware.maybe_compile(build_model(cfg.model).to(device), cfg.train.compile)  # in place: same names
     ds_config = deepspeed_config(cfg, dist.get_world_size())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine

@@ -3,10 +3,11 @@
 One training step of FRRN-A at 32x64, batch 2, fp32 and bf16 autocast, checkpointing off and unit, against an fp64
 eager run of the same weights. Stated tolerance:
 - fp32: per parameter (and for the logits and every BN buffer), the compiled result's relative error from fp64 is
-  at most ERROR_FACTOR x eager fp32's own (or FLOOR). Measured after the fix: 2-4x eager's (median 2.9x; ATen's CPU
-  BatchNorm accumulates fp32 sums in double, inductor in fp32). Eager fp32 itself is up to ~2% off on the deep
-  encoder here (BN over 2x2x4 values at 1/16 amplifies rounding). The inductor bug this caught
-  (frrn_dist/hardware.py, maybe_compile) put compiled errors at 20-80%, 40-100x eager's, in fp64 as in fp32.
+  at most ERROR_FACTOR x eager fp32's own (for gradients: at least eager's median over all parameters). Measured
+  after the fix: median 2.9x eager's (ATen's CPU BatchNorm accumulates fp32 sums in double, inductor in fp32); eager
+  fp32 itself is up to ~2% off on the deep encoder here (BN over 2x2x4 values at 1/16 amplifies rounding). The
+  inductor bug this caught (frrn_dist/hardware.py, maybe_compile) put compiled errors at 20-80%, 40-100x eager's,
+  in fp64 as in fp32.
 - bf16: at initialisation bf16 autocast itself is noise-dominated here (eager bf16 vs fp64: logits ~20%, gradients
   ~80% relative), so the check is statistical: the median and 90th percentile of the per-parameter errors, the
   logits' and the BN buffers' errors at most BF16_FACTOR x eager bf16's. A doubled BN update (checkpointing)
@@ -29,7 +30,7 @@ from frrn_dist.model import FRRN
 
 HW, BATCH = (32, 64), 2
 ERROR_FACTOR = 8.0  # fp32, per tensor
-FLOOR = 1e-4  # fp32 relative error allowed whatever eager's own is
+FLOOR = 1e-5  # fp32 relative error / ERROR_FACTOR allowed whatever eager's own is
 BF16_FACTOR = 1.5  # bf16, on the statistics
 CASES = [("fp32", "off"), ("bf16", "unit"), ("fp32", "unit"), ("bf16", "off")]
 DEFAULT_CASES = CASES[:2]
@@ -55,12 +56,14 @@ def test_compile_off_returns_the_model_itself():
 
 
 def _check_fp32(eager, compiled, ref) -> None:
+    # eager's typical error sets the noise level: a tensor eager happens to get very right still gets that much
+    typical = float(torch.tensor([_rel(eager[1][n], ref[1][n]) for n in ref[1]]).median())
     for i, what in enumerate(("logits", "gradient", "BN buffer")):
         items = {"": (eager[0], compiled[0], ref[0])} if i == 0 else {
             n: (eager[i][n], compiled[i][n], ref[i][n]) for n in ref[i]
         }  # fmt: skip
         for name, (e, c, r) in items.items():
-            allowed = max(ERROR_FACTOR * _rel(e, r), FLOOR)
+            allowed = ERROR_FACTOR * max(_rel(e, r), typical if i == 1 else 0.0, FLOOR)
             assert _rel(c, r) <= allowed, f"{what} {name}: compiled {_rel(c, r):.2e} from fp64, eager {_rel(e, r):.2e}"
 
 
