@@ -1,6 +1,7 @@
 """FRRN-A speed on this machine against a plain transcription, and its activation memory and micro-batches.
 
-    python benchmarks/bench_model.py [--threads N] [--quick] [--skip-large] [--compile none|ours|all] [--reps R]
+    python benchmarks/bench_model.py [--threads N] [--quick] [--skip-large] [--compile SPEC] [--compile-plain]
+        [--reps R]
 
 1. The machine: CPU model and the flags that matter (benchmarks/common.py), threads, load; what
    frrn_dist.hardware chooses here for precision and layout, and why; the 2048^2 matmul peak in fp32 and bf16.
@@ -11,10 +12,11 @@
    plain network step alternately (ours, plain, ours, ...) after a warm-up step each, so other load hits both
    alike; medians of --reps (3 at 64x128, 2 at 256x512). GFLOP/s from FlopCounterMode's nominal forward+backward
    count, beside the matmul peak of the same precision; bytes kept for backward per image (saved-tensor hooks).
-   torch.compile (inductor, frrn_dist.hardware.maybe_compile): `--compile ours` (default) times our network
-   compiled, in the precision and layout chosen here, at 64x128, against eager ours and plain in the same
-   alternation; `--compile all` also compiles the plain network and every precision/layout at 64x128. Cold
-   compiles take minutes on 2 cores (printed); inductor's on-disk cache makes a rerun's much shorter.
+   torch.compile (inductor, frrn_dist.hardware.maybe_compile), at 64x128: `--compile chosen` (default) times
+   our network compiled in the precision and layout hardware.py picks here, beside eager ours and plain in the
+   same alternation; `--compile all` or a list (fp32-nchw,bf16-nhwc) picks others, `--compile-plain` adds the
+   plain network compiled. A compile that fails is reported in its row. A cold compile takes minutes on 2 cores
+   (printed); inductor's on-disk cache makes a rerun's much shorter.
 4. Memory (the figures BENCHMARKS.md quotes): per checkpointing mode, bytes kept for backward per image and step
    time at 256x512 fp32 NCHW, 1 image; then the planner (frrn_dist.plan) for FRRN-A at 256x512 in 8 GiB and
    FRRN-B at 512x1024 in 80 GiB (fake tensors: shapes only).
@@ -73,18 +75,24 @@ def batch(hw: tuple[int, int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def time_alternating(models: dict, hw, n: int, *, bf16: bool, reps: int) -> dict:
-    """{name: (step seconds median, saved bytes per image)}: one warm-up step each, then `reps` rounds in which
-    every model steps once, in turn."""
+    """{name: (step seconds median, saved bytes per image) or the error it raised}: one warm-up step each, then
+    `reps` rounds in which every model steps once, in turn. A model that raises (a compile failure) drops out."""
     x, labels = batch(hw, n)
     seconds = {name: [] for name in models}
-    saved = {}
+    saved, failed = {}, {}
     for r in range(reps + 1):
         for name, model in models.items():
+            if name in failed:
+                continue
             t = time.perf_counter()
-            saved[name] = step(model, x, labels, bf16) / n
+            try:
+                saved[name] = step(model, x, labels, bf16) / n
+            except Exception as e:  # noqa: BLE001 - inductor raises anything; the table says what
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                continue
             if r:
                 seconds[name].append(time.perf_counter() - t)
-    return {name: (statistics.median(seconds[name]), saved[name]) for name in models}
+    return {name: failed.get(name) or (statistics.median(seconds[name]), saved[name]) for name in models}
 
 
 def build(kind: str, weights: FRRN, channels_last: bool):
@@ -104,32 +112,49 @@ def check_same_network(weights: FRRN) -> float:
     return diff
 
 
-def speed_table(weights: FRRN, sizes, reps_small: int, reps_large: int, peaks, flops, compile_mode, chosen):
-    """Rows of the speed table and {(hw, precision, layout, compiled): {name: (s, bytes)}}."""
-    rows, results = [], {}
+def parse_compile(spec: str, chosen: tuple[str, bool]) -> set[tuple[str, bool]]:
+    """--compile: 'none', 'chosen' (what hardware.py picks here), 'all', or e.g. 'fp32-nchw,bf16-nhwc'."""
+    every = {(p, cl) for p in ("fp32", "bf16") for cl in (False, True)}
+    if spec in ("none", "chosen", "all"):
+        return {"none": set(), "chosen": {chosen}, "all": every}[spec]
+    configs = set()
+    for item in spec.split(","):
+        precision, _, layout = item.partition("-")
+        if precision not in ("fp32", "bf16") or layout not in ("nchw", "nhwc"):
+            raise SystemExit(f"--compile: {item!r} is not none, chosen, all or a list like fp32-nchw,bf16-nhwc")
+        configs.add((precision, layout == "nhwc"))
+    return configs
+
+
+def speed_table(weights: FRRN, sizes, reps: dict, peaks, flops, compiled: set, compile_plain: bool):
+    """Prints the rows as they come; returns {(hw, precision, channels_last): {name: (s, bytes) or error}}."""
+    results = {}
     for hw, n in sizes.items():
-        reps = reps_small if hw == (64, 128) else reps_large
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
                 models = {k: build(k, weights, channels_last) for k in ("ours", "plain")}
-                compiled = compile_mode == "all" or (compile_mode == "ours" and (precision, channels_last) == chosen)
                 t0 = time.perf_counter()
-                if compiled and hw == (64, 128):
+                if (precision, channels_last) in compiled and hw == (64, 128):
                     models["ours+compile"] = hardware.maybe_compile(build("ours", weights, channels_last), True)
-                    if compile_mode == "all":
+                    if compile_plain:
                         models["plain+compile"] = hardware.maybe_compile(build("plain", weights, channels_last), True)
-                res = time_alternating(models, hw, n, bf16=precision == "bf16", reps=reps)
+                res = time_alternating(models, hw, n, bf16=precision == "bf16", reps=reps[hw])
                 results[(hw, precision, channels_last)] = res
                 layout = "NHWC" if channels_last else "NCHW"
-                for name, (sec, saved) in res.items():
+                for name, got in res.items():
+                    head = f"| {hw[0]}x{hw[1]} x{n} | {precision} | {layout} | {name} |"
+                    if isinstance(got, str):
+                        print(f"{head} failed: {got} | | | |", flush=True)
+                        continue
+                    sec, saved = got
                     gflops = flops[hw] * n / sec / 1e9
-                    note = f" (compile + warm-up {time.perf_counter() - t0:.0f} s in all)" if "compile" in name else ""
-                    rows.append(
-                        f"| {hw[0]}x{hw[1]} x{n} | {precision} | {layout} | {name} | {n / sec:.3f} "
-                        f"| {res['plain'][0] / sec:.2f}x | {gflops:.1f} ({100 * gflops / peaks[precision]:.0f}%) "
-                        f"| {saved / MiB:,.0f} MiB |{note}"
+                    note = f" (compile + warm-up: {time.perf_counter() - t0:.0f} s)" if "compile" in name else ""
+                    print(
+                        f"{head} {n / sec:.3f} | {res['plain'][0] / sec:.2f}x "
+                        f"| {gflops:.1f} ({100 * gflops / peaks[precision]:.0f}%) | {saved / MiB:,.0f} MiB |{note}",
+                        flush=True,
                     )
-    return rows, results
+    return results
 
 
 def memory_rows(weights: FRRN, large: bool, reps: int) -> tuple[list[str], dict]:
@@ -189,7 +214,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per model at 64x128 (default 3; 2 at 256x512)")
     ap.add_argument("--skip-large", action="store_true", help="no 256x512 timings (about 3 of the 6 minutes)")
-    ap.add_argument("--compile", choices=("none", "ours", "all"), default="ours", help="what to time compiled")
+    ap.add_argument(
+        "--compile", default="chosen", help="ours compiled at 64x128 in: none, chosen (default: the precision and "
+        "layout hardware.py picks here), all, or a list like fp32-nchw,bf16-nhwc",
+    )  # fmt: skip
+    ap.add_argument("--compile-plain", action="store_true", help="also time the plain network compiled")
     ap.add_argument("--quick", action="store_true", help="smoke run: 64x128, 1 step each, no compile, no planner")
     args = ap.parse_args()
     if args.threads:
@@ -200,7 +229,7 @@ def main() -> None:
     large = not (args.skip_large or args.quick)
     sizes = SIZES if large else {(64, 128): SIZES[(64, 128)]}
     reps_small, reps_large = (1, 1) if args.quick else (args.reps, max(1, args.reps - 1))
-    compile_mode = "none" if args.quick else args.compile
+    compile_spec = "none" if args.quick else args.compile
 
     print(f"# machine: {cpu_model()}, {os.cpu_count()} cores; {speed_flags()}")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load_average()} at start")
@@ -229,10 +258,10 @@ def main() -> None:
     print("| input x images | precision | activations | network | images/s | vs plain | GFLOP/s (% of matmul peak) "
           "| kept for backward / image |")  # fmt: skip
     print("|---|---|---|---|---:|---:|---:|---:|")
-    rows, results = speed_table(
-        weights, sizes, reps_small, reps_large, peaks, flops, compile_mode, (precision, channels_last)
-    )
-    print("\n".join(rows))
+    results = speed_table(
+        weights, sizes, {(64, 128): reps_small, (256, 512): reps_large}, peaks, flops,
+        parse_compile(compile_spec, (precision, channels_last)), args.compile_plain,
+    )  # fmt: skip
 
     print("\n## Checkpointing: step time and bytes kept for backward, ours\n")
     print("| input x images | precision | activations | checkpointing | images/s | time vs off | kept / image |")

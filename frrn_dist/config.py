@@ -31,8 +31,8 @@ class ModelConfig:
     sync_bn: bool = False
     """SyncBatchNorm across ranks (GPU only). Off: BN statistics are averaged over ranks before eval and saving."""
     channels_last: bool | str = "auto"
-    """Convolutions in NHWC memory layout: true, false, or "auto": NHWC exactly where the run chose bf16 (CUDA
-    cc >= 8.0, a CPU with fast bf16; `make bench-model` measures both). The choice is logged and saved."""
+    """Convolutions in NHWC memory layout: true, false, or "auto": NHWC where it was measured faster (CUDA cc >= 8.0
+    with bf16; a CPU with oneDNN, 1.05-1.5x here in both precisions: `make bench-model`). Logged and saved."""
 
 
 @dataclass
@@ -130,8 +130,9 @@ class TrainConfig:
     where the device runs it fast (CUDA compute capability >= 8.0; a CPU with AMX, or AVX512-BF16 confirmed by a
     short measurement at start-up), fp32 elsewhere. What was chosen and why goes to the log and `chosen`."""
     compile: bool = False
-    """torch.compile the model (inductor). Off by default: measured no faster than eager for FRRN here
-    (BENCHMARKS.md); compiled forward and gradients equal eager within tolerance (tests/test_compile.py)."""
+    """torch.compile the model (inductor), in place. Off by default: on CPU 1.01-1.05x eager after minutes of
+    compiling, and inductor (torch 2.13 CPU) fails in the backward of bf16 + NHWC; fp32 and bf16 NCHW compiled
+    equal eager within tolerance (tests/test_compile.py). Not measured on a GPU yet."""
     bf16_grad_reduce: bool = False
     """bf16 + ZeRO 1/2: all-reduce conv gradients in bf16 (half the bytes; DeepSpeed's torch_autocast default).
     Off: every ZeRO stage reduces fp32 gradients, so stage 0, 1 and 2 train the same model."""

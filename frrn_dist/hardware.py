@@ -9,14 +9,16 @@ Precision, `choose_precision`: bf16 autocast where the device has fast bf16 arit
 - CPU with AMX tiles (Xeon Sapphire Rapids and later): bf16, no probe needed.
 - CPU with AVX512-BF16 (Cooper Lake, Zen 4, ...), or where oneDNN claims bf16 support without either (AVX512BW
   emulation, ARM): the query is not conclusive, so a probe times a 3x3 conv forward+backward in fp32 and in bf16
-  autocast (~0.2 s) and bf16 is taken when it is >= `BF16_MIN_SPEEDUP` faster. Measured: on a 2-core AMD EPYC
-  (Zen 4, avx512_bf16) the probe shows 1.4-1.7x and FRRN-A forward+backward 1.9x; another machine of this project
-  without bf16 instructions ran bf16 autocast ~10x slower than fp32.
+  autocast on one thread (~0.1 s) and bf16 is taken when it is >= `BF16_MIN_SPEEDUP` faster. Measured: on a
+  2-core AMD EPYC (Zen 4, avx512_bf16) the probe shows 1.5-1.7x and FRRN-A forward+backward 1.5-2.3x; another
+  machine of this project without bf16 instructions ran bf16 autocast ~10x slower than fp32.
 - anything else (no oneDNN bf16, MPS, ...): fp32.
 
-Layout, `choose_channels_last`: NHWC exactly when bf16 was chosen. CUDA: cuDNN's tensor-core convolutions are
-NHWC-native. CPU, measured on FRRN-A at 64x128, batch 4, 2 threads of the EPYC above: NHWC is 1.21x NCHW in bf16
-but 1.03x in fp32 (within noise; benchmarks/bench_model.py has the full table), so the rule is the precision's.
+Layout, `choose_channels_last`: CUDA: NHWC exactly with bf16 on compute capability >= 8.0 (cuDNN's tensor-core
+convolutions are NHWC-native). CPU with oneDNN: NHWC in both precisions. Measured on FRRN-A, forward+backward, 1
+thread of the EPYC above (benchmarks/bench_model.py, BENCHMARKS.md): NHWC / NCHW = 1.51x (64x128 x4) and 1.18x
+(256x512) in bf16, 1.17x and 1.05x in fp32 (1.03x at 2 threads); the machine without bf16 instructions gained
+nothing from NHWC in fp32 and lost nothing. Without oneDNN: NCHW.
 
 Peaks, `dense_peak_tflops`: a table of dense (no sparsity) tensor-core peaks of common GPUs, matched on the device
 name; fp32 means TF32 where cuDNN is allowed to use it (the default for convolutions). On a CPU: a 2048x2048
@@ -43,8 +45,12 @@ torch.compile, `maybe_compile` (checked on torch 2.13 CPU inductor; tests/test_c
   TorchDispatchModes; its own recompute updates BN statistics once, tested).
 - After the fix, compiled fp32 is within 2-4x eager fp32's own error from an fp64 run (eager CPU BatchNorm
   accumulates in double, inductor in fp32); bf16 matches eager bf16's error statistics.
-- Cost: whole-model compile of FRRN-A forward+backward takes ~2.5 min cold on 2 CPU cores (~1 min from
-  inductor's on-disk cache), once per input size, precision and checkpointing mode; dynamic=True took 8.6 min.
+- bf16 + channels_last (what this CPU runs by default) does not compile: inductor's generated backward raises
+  "UnboundLocalError: cannot access local variable 'buf232'" (64x128 x4; another inductor codegen bug).
+- Speed on the 2-core EPYC, 1 thread, 64x128 x4 (bench_model.py): compiled / eager = 1.05x in fp32 NCHW, 1.01x in
+  bf16 NCHW. Compiling costs 4-5 min cold on 2 shared cores (~1-1.5 min from inductor's on-disk cache) per input
+  size, precision, layout and checkpointing mode; dynamic=True took 8.6 min. So on a CPU: leave it off.
+  GPUs: not measured.
 """
 
 from __future__ import annotations
@@ -83,11 +89,16 @@ GPU_PEAKS = (
     (r"\bV100\b", "V100 (no bf16; fp16 tensor cores 125)", None, None, 15.7),
 )
 
-_CACHE: dict[tuple, tuple] = {}  # per-process results of the probes, keyed by what they depend on
+_CACHE: dict = {}  # per-process results of the probes, keyed by what they depend on
 
 
 def _as_device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 def _check_precision(precision: str) -> None:
@@ -118,25 +129,32 @@ def _conv_step(x: torch.Tensor, w: torch.Tensor, bf16: bool) -> float:
     return time.perf_counter() - t
 
 
-def probe_cpu_bf16_speedup(pairs: int = 4) -> tuple[float, float]:
+def probe_cpu_bf16_speedup(pairs: int = 6) -> tuple[float, float]:
     """(fp32 time / bf16 autocast time, seconds the probe took) for a 3x3 conv 96->96 at 32x64, NHWC, forward and
-    backward: an FRRU-sized conv. fp32 and bf16 steps alternate and the fastest of each counts, so other load on
-    the machine hits both alike. Cached per process and thread count."""
-    key = ("bf16_probe", torch.get_num_threads())
-    if key not in _CACHE:
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 96, 32, 64, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
-        w = (torch.randn(96, 96, 3, 3, generator=g) * 0.05).requires_grad_()
-        _conv_step(x, w, False), _conv_step(x, w, True)  # warm-up: oneDNN picks and caches its kernels
-        fp32, bf16 = [], []
-        for _ in range(pairs):
-            fp32.append(_conv_step(x, w, False))
-            bf16.append(_conv_step(x, w, True))
-            if bf16[-1] > 3 * fp32[-1]:  # emulated bf16: no need to wait for more evidence
-                break
-        _CACHE[key] = (min(fp32) / min(bf16), time.perf_counter() - t0)
-    return _CACHE[key]
+    backward: an FRRU-sized conv. On one thread: the ratio is the instruction set's, and one thread is not slowed
+    by other processes on the cores the way a team of OpenMP threads is (2 threads on 2 busy cores measured 0.63x
+    where 1 thread measures 1.55x). fp32 and bf16 steps alternate and the fastest of each counts. Cached per
+    process."""
+    if "bf16_probe" not in _CACHE:
+        t0, threads = time.perf_counter(), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 96, 32, 64, generator=g).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            w = (torch.randn(96, 96, 3, 3, generator=g) * 0.05).requires_grad_()
+            _conv_step(x, w, False), _conv_step(x, w, True)  # warm-up: oneDNN picks and caches its kernels
+            fp32, bf16 = [], []
+            for _ in range(pairs):
+                fp32.append(_conv_step(x, w, False))
+                bf16.append(_conv_step(x, w, True))
+                # emulated bf16: no need to wait for more evidence (never on one pair: a busy core can fake it)
+                if len(bf16) >= 2 and min(bf16) > 3 * min(fp32):
+                    break
+        finally:
+            torch.set_num_threads(threads)
+        _CACHE["bf16_probe"] = (min(fp32) / min(bf16), time.perf_counter() - t0)
+    return _CACHE["bf16_probe"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,12 +185,12 @@ def choose_precision(device: torch.device | str) -> tuple[str, str]:
     verdict = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     return verdict, (
         f"CPU: {found}; bf16 autocast conv {speedup:.2f}x fp32 in a {seconds:.2f} s probe "
-        f"({torch.get_num_threads()} threads; bf16 needs >= {BF16_MIN_SPEEDUP}x)"
+        f"(1 thread; bf16 needs >= {BF16_MIN_SPEEDUP}x)"
     )
 
 
 def choose_channels_last(device: torch.device | str, precision: str) -> tuple[bool, str]:
-    """(NHWC or not, reason): NHWC where it is fast, which on CUDA cc >= 8.0 and on CPUs is exactly with bf16."""
+    """(NHWC or not, reason): NHWC where it measured faster: CUDA cc >= 8.0 with bf16, CPUs with oneDNN."""
     device, _ = _as_device(device), _check_precision(precision)
     if device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
@@ -180,10 +198,11 @@ def choose_channels_last(device: torch.device | str, precision: str) -> tuple[bo
             return True, f"CUDA compute capability {cc[0]}.{cc[1]} with bf16: cuDNN's tensor-core convs are NHWC"
         return False, f"CUDA compute capability {cc[0]}.{cc[1]} with {precision}: NCHW"
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        if precision == "bf16":
-            return True, "CPU with bf16: NHWC (oneDNN bf16 convs; FRRN-A measured 1.2x NCHW in bf16, 1.0x in fp32)"
-        return False, "CPU with fp32: NCHW (FRRN-A measured NHWC 1.0x NCHW in fp32: no gain for the reorders)"
-    return False, f"{device.type} device: NCHW"
+        return True, (
+            f"CPU with oneDNN, {precision}: NHWC (FRRN-A measured 1.2-1.5x NCHW in bf16, 1.05-1.17x in fp32; "
+            "frrn_dist/hardware.py)"
+        )
+    return False, f"{device.type} device without oneDNN: NCHW"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,10 +257,9 @@ def dense_peak_tflops(device: torch.device | str, precision: str = "bf16") -> tu
         return gpu_peak_tflops(torch.cuda.get_device_name(device), precision, tf32=torch.backends.cudnn.allow_tf32)
     if device.type == "cpu":
         tflops, seconds = cpu_matmul_tflops(precision)
-        threads = torch.get_num_threads()
         return (
             tflops,
-            f"CPU: 2048x2048 {precision} matmul measured here, best of 3, {threads} threads ({seconds:.1f} s)",
+            f"CPU: 2048x2048 {precision} matmul measured here, best of 3, {_threads()} ({seconds:.1f} s)",
         )
     return None, f"{device.type} device: no peak known"
 
@@ -278,8 +296,8 @@ def maybe_compile(model: nn.Module, enabled: bool, **compile_kwargs) -> nn.Modul
     """`model` compiled in place by torch.compile (inductor) when enabled, else untouched; returns `model`.
 
     In place (`nn.Module.compile`), so parameter names, state_dict keys and checkpoints stay those of the eager
-    model. Call it before deepspeed.initialize. compile_kwargs go to torch.compile (e.g. dynamic=True).
-    COMPILE_NOTES says what was checked and measured.
+    model. Call it before deepspeed.initialize. compile_kwargs go to torch.compile (e.g. dynamic=True). The module
+    docstring says what was checked and measured: on CPUs it is barely faster and fails with bf16 + NHWC.
     """
     if enabled:
         model.compile(**compile_kwargs)

@@ -12,7 +12,7 @@ eager run of the same weights. Stated tolerance:
   ~80% relative), so the check is statistical: the median and 90th percentile of the per-parameter errors, the
   logits' and the BN buffers' errors at most BF16_FACTOR x eager bf16's. A doubled BN update (checkpointing)
   would be ~100% off on the running means and shows.
-Slow: inductor builds C++ kernels for the whole network on 2 cores, ~2.5 min per case cold, ~1 min from its
+Slow: inductor builds C++ kernels for the whole network on 2 cores, 2.5-5 min per case cold, 1.5 min from its
 on-disk cache. The default runs two cases (fp32/off, bf16/unit: both precisions, both checkpointing modes);
 FRRN_TEST_COMPILE=all runs all four.
 """

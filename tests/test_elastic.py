@@ -80,6 +80,15 @@ def reference_update(run: Path, ranks: int) -> dict[str, torch.Tensor]:
     """One data-parallel Adam step of `ranks` ranks computed in this process from the saved (gathered) state:
     the mean of every rank's gradient (each rank's BN normalising its own micro-batch), clipped, then AdamW."""
     saved = torch.load(run / "saved_state.pt", weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): Adam magnifies a reduction-order difference
+    try:
+        return _reference_update(run, ranks, saved)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_update(run: Path, ranks: int, saved: dict) -> dict[str, torch.Tensor]:
     model = FRRN(arch="A", num_classes=19, upsample="theano")
     model.load_state_dict(load_file(run / f"checkpoints/{TAG}/model.safetensors"))
     params = dict(model.named_parameters())

@@ -52,8 +52,9 @@ def test_cpu_precision_and_layout_on_this_machine_for_real():
         speedup, seconds = hardware.probe_cpu_bf16_speedup()
         assert speedup >= hardware.BF16_MIN_SPEEDUP and seconds < 2.0
         assert f"{speedup:.2f}x fp32" in reason
-    channels_last, why = hardware.choose_channels_last("cpu", precision)
-    assert channels_last == (precision == "bf16") and why
+    for p in hardware.PRECISIONS:  # NHWC on every CPU with oneDNN, in both precisions
+        channels_last, why = hardware.choose_channels_last("cpu", p)
+        assert channels_last is torch.backends.mkldnn.is_available() and p in why
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this machine has no bf16: its real branch is the test above")
@@ -64,7 +65,13 @@ def test_cpu_without_bf16_is_fp32_without_a_probe(monkeypatch):
     monkeypatch.setattr(hardware, "probe_cpu_bf16_speedup", _no_probe)
     precision, reason = hardware.choose_precision("cpu")
     assert precision == "fp32" and "oneDNN bf16 no" in reason
-    assert hardware.choose_channels_last("cpu", precision)[0] is False
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here: its real branch runs above")
+def test_cpu_without_onednn_is_nchw(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert hardware.choose_channels_last("cpu", "fp32")[0] is False
+    assert hardware.choose_precision("cpu")[0] == "fp32"  # no oneDNN: no fast bf16 convolutions either
 
 
 @pytest.mark.skipif(HAS_AMX, reason="this machine has AMX: its real branch is the test above")
@@ -74,7 +81,6 @@ def test_cpu_with_amx_is_bf16_without_a_probe(monkeypatch):
     monkeypatch.setattr(hardware, "probe_cpu_bf16_speedup", _no_probe)
     precision, reason = hardware.choose_precision("cpu")
     assert precision == "bf16" and "AMX yes" in reason
-    assert hardware.choose_channels_last("cpu", precision)[0] is True
 
 
 def test_cpu_whose_bf16_probe_is_slow_stays_fp32(monkeypatch):

@@ -141,13 +141,14 @@ def test_offline_wandb_run_holds_losses_config_and_masks(uninterrupted):
     assert logged == pytest.approx(train_losses(uninterrupted))
     # throughput and utilisation, the same numbers as metrics.jsonl; MFU against this CPU's measured matmul peak
     perf = [h for h in run["history"] if "perf/mfu" in h]
-    files = [r for r in read_metrics(uninterrupted) if r["kind"] == "train"]
-    assert len(perf) == len(files) == 8
-    for h, r in zip(perf, files):
+    records = [r for r in read_metrics(uninterrupted) if r["kind"] == "train"]
+    assert len(perf) == len(records) == 8
+    for h, r in zip(perf, records):
         assert int(h["train/step"]) == r["step"]
         for key in ("perf/images_per_s", "perf/tflops", "perf/mfu", "perf/data_wait"):
             assert h[key] == pytest.approx(r[key]) and r[key] >= 0, key
-        assert 0 < h["perf/mfu"] < 1 and 0 <= h["perf/data_wait"] < 1
+        # MFU is not bounded by 1 here: a CPU's peak is a matmul timed at start-up, slowed by whatever else runs
+        assert h["perf/mfu"] > 0 and 0 <= h["perf/data_wait"] < 1
     assert run["config"]["model"]["arch"] == "A" and run["config"]["data"]["input_hw"] == [32, 64]
     vals = [h for h in run["history"] if "val/miou" in h]
     assert len(vals) == 2 and vals[-1]["val/samples._type"] == "images/separated"
