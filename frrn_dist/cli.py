@@ -2,6 +2,8 @@
 one-line exit on bad input.
 
 May import: frrn_dist.tta (its constants); nothing that loads a model or data.
+
+Imports: frrn_dist.tta.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ For each run folder (runs/<name>/ with config.yaml, metrics.jsonl and, after `la
 metrics.json) this draws the loss and mIoU curves of all runs on one figure and tabulates their final scores and
 the config keys in which they differ, as markdown and as PNG. Online, runs that share a wandb project and group
 are compared on the wandb dashboard instead; this is the offline twin.
+
+Imports: omegaconf, frrn_dist.visualize.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Effective config = schema defaults <- `--config file.yaml` <- `key=value` overrides (later wins). Unknown keys
 and wrong types fail at start-up with the key's name. The model, the loss and the data pipeline never see this
 object: frrn_dist.train translates it into keyword arguments.
+
+Imports: omegaconf.
 """
 
 from __future__ import annotations

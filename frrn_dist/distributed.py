@@ -2,6 +2,8 @@
 
 Global rank picks the data shard and the rank-0 role (logging, wandb, files); local rank only picks the GPU.
 Functions that run a collective say so: they must be called on every rank, or the job hangs.
+
+Imports: deepspeed, torch.
 """
 
 from __future__ import annotations

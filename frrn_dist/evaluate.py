@@ -13,6 +13,9 @@ Data comes from the shards (the loaders' "eval" recipe) or straight from a Citys
 (frrn_dist.data.cityscapes_folder), downscaled the same way: Lanczos for the image, majority vote for the labels.
 
 May import: distributed, data, export, metrics, tta, visualize; never train or the launchers.
+
+Imports: PIL, numpy, omegaconf, torch, tqdm, frrn_dist.{data.cityscapes_folder, data.labels, data.loaders,
+data.manifest, distributed, export, metrics, tta, visualize}.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ rebuild it), and ONNX of the eval graph.
 
 Loading never executes code from a file: safetensors holds only tensors and a JSON header (a pickle, e.g.
 DeepSpeed's *_model_states.pt, can run arbitrary code when loaded, which is why evaluation reads these files).
+
+Imports: onnx, onnxruntime, safetensors, torch, frrn_dist.model.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ torch.compile, `maybe_compile` (checked on torch 2.13 CPU inductor; tests/test_c
   bf16 NCHW. Compiling costs 4-5 min cold on 2 shared cores (~1-1.5 min from inductor's on-disk cache) per input
   size, precision, layout and checkpointing mode; dynamic=True took 8.6 min. So on a CPU: leave it off.
   GPUs: not measured.
+
+Imports: torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Per image: per-pixel cross-entropy on the classes, void pixels removed first, mean of the K largest values; then the
 mean over the batch. K = H*W/16 by default: 8,192 for FRRN-A at 256x512, 32,768 for FRRN-B at 512x1024. An image
 with fewer than K valid pixels averages all of them; an image with none contributes 0 (and no NaN).
+
+Imports: torch, frrn_dist.data.labels.
 """
 
 from __future__ import annotations

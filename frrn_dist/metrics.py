@@ -10,6 +10,8 @@ rows of ignored ids are never read. What it needs beyond torchvision's Confusion
     by avg_size[class] / instance_size; FP stays the unweighted pixel count;
   - category IoU sums whole blocks (car predicted as truck is a TP of vehicle); category iIoU for human and vehicle.
 Everything is summed over the whole set first (no per-image averaging), then all-reduced over ranks.
+
+Imports: cityscapesscripts, numpy, torch, frrn_dist.{data.labels, distributed}.
 """
 
 from __future__ import annotations

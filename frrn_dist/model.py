@@ -14,6 +14,8 @@ Memory (what makes large micro-batches fit; numbers from `python benchmarks/benc
   the rest during backward. FRRU segments take the pooled z, not z itself, so no full-resolution z is kept at all.
 - BatchNorm inside a recomputed segment would update its running statistics twice (pytorch#96136); the recompute
   guard below normalises with the batch statistics but leaves the buffers alone (stack-notes §2.4).
+
+Imports: torch.
 """
 
 from __future__ import annotations

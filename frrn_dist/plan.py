@@ -15,6 +15,8 @@ peak(n) = step_fixed + n * per_image, fitted from n = 1 and 2. The rest is state
 - `reserve_bytes` (default 0.75 GiB) for the CUDA context, cuDNN workspaces and library handles;
 - `margin` (default 10 %) on activation bytes for the caching allocator's rounding and fragmentation.
 CPU autocast and CUDA autocast put the same layers (convolutions) in bf16, so the bf16 bytes carry over to GPUs.
+
+Imports: torch, tqdm, frrn_dist.{loss, model}.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ With fit="resize", --scales and --flip add test-time augmentation views (frrn_di
 bilinearly to the image's own size, softmax, mean over the views, argmax.
 Outputs per image, in the original size: <stem>_labelIds.png (8-bit label ids, the official format),
 <stem>_color.png (Cityscapes palette) and <stem>_overlay.png (the palette blended over the image).
+
+Imports: PIL, numpy, torch, tqdm, frrn_dist.{data.cityscapes_folder, data.labels, evaluate, export, tta, visualize}.
 """
 
 from __future__ import annotations

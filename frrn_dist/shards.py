@@ -12,6 +12,8 @@ folder that frrn_dist.data.manifest.read_manifest accepts. Output bytes depend o
 (not on the worker count), and a re-run with the same input and settings is detected from a source fingerprint
 and skipped. The folder can then be copied to object storage or an HTTP server and read from there by
 data.backend=stream (README, "Shards in S3, GCS or behind HTTP").
+
+Imports: PIL, numpy, tqdm, frrn_dist.{data.labels, data.manifest, data.shardwriter}.
 """
 
 from __future__ import annotations

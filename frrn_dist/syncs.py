@@ -15,6 +15,8 @@ ordinary micro-steps must issue none (frrn_dist/train.py reads the device only e
   the collectives). The data code reads the CPU-side tensors DALI hands out (crop offsets), which are host
   memory on a GPU too, so it is left out here; the CUDA detector still sees it there.
 Importing this module changes nothing; the CPU wrappers are installed only while a counter is alive.
+
+Imports: torch.
 """
 
 from __future__ import annotations

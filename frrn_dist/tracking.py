@@ -4,6 +4,8 @@ Files (always, rank 0): metrics.jsonl (one JSON per log line), samples/*.png (im
 curves.png (loss and mIoU). wandb: online when logged in, else offline (`wandb sync` later); any wandb failure
 turns it off with a warning, never the training. Other ranks get a Tracker whose methods do nothing, so the loop
 has no rank checks.
+
+Imports: PIL, numpy, torch, wandb, frrn_dist.{data.labels, visualize}.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ resampling at scale 1.0 and no softmax (argmax of softmax = argmax of logits), s
 `--flip` gives today's numbers bit for bit.
 
 May import: torch only (the model is passed in).
+
+Imports: torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ and loss / mIoU curves of one or several runs.
 
 matplotlib's object API (Figure, no pyplot) needs no display and keeps no global figure state, so this runs on
 headless nodes and inside the training loop. Every PNG goes to a temporary name first and is renamed when whole.
+
+Imports: matplotlib, numpy, frrn_dist.data.labels.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ majority vote for the training-scale label) and yielded as the loaders' `Batch`,
 ids and instance ids the official protocol scores against. Each rank takes a contiguous slice, like DALI.
 
 May import: frrn_dist.data.{labels, recipes, fallback}; nothing above the data package.
+
+Imports: PIL, numpy, torch, frrn_dist.{data.fallback, data.labels, data.recipes}.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Why the work is split between DALI and torch (frrn_dist/data/recipes.py):
 
 Graph construction must not need a GPU: with device_id=None a "mixed" pipeline can still be traced and
 serialized (stack-notes §1.8), which is how the tests check the GPU path on CPU.
+
+Imports: nvidia.dali, frrn_dist.data.recipes.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The folder may also be a URL, read by the streaming loader (frrn_dist.data.strea
 transient failures (connection refused or reset, timeouts, HTTP 408/429/5xx, a failing pipe command) with
 exponential backoff, a bounded number of times, reopening at the byte it got to. A 404, a missing file, or a
 file shorter or longer than the manifest says fails at once with one line naming the URL.
+
+Imports: fsspec, webdataset.
 """
 
 from __future__ import annotations

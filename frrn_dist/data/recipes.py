@@ -13,6 +13,8 @@ DALI has neither a majority vote nor reflection padding, so its pipeline draws t
 which puts them in its checkpointed random stream) and `finish_batch` applies them; the fallback draws the same
 distributions with numpy (`draw_params`) and calls the same function. One random row per sample drives image and
 label together, so their geometry cannot drift apart.
+
+Imports: numpy, torch, frrn_dist.data.labels.
 """
 
 from __future__ import annotations
