@@ -1,18 +1,28 @@
-"""Decode + augment throughput of the data loaders on full-resolution frames, per CPU core.
+"""Decode + augment throughput of the data loaders on full-resolution frames, per CPU core, for both recipes.
 
-    python benchmarks/bench_data.py [--frames 16] [--hw 1024x2048] [--epochs 2] [--keep DIR]
+    python benchmarks/bench_data.py [--frames 16] [--hw 1024x2048] [--epochs 2] [--recipes paper,seed] [--keep DIR]
 
-Makes full-resolution synthetic Cityscapes frames (frrn_dist.synthetic), packs them as JPEG q95 shards (and as
-lossless-PNG shards; frrn_dist.shards), then, in this one process and one after the other, runs the `paper`
-recipe at 256x512 (whole frame, anti-aliased Lanczos /4, majority-vote labels, translation +-30 px, gamma) with:
+Makes full-resolution synthetic Cityscapes frames (frrn_dist.synthetic), packs them as JPEG q95 shards (with the
+packed label votes, the default; once more without them) and as lossless-PNG shards (frrn_dist.shards), then, in
+this one process and one after the other, runs each recipe at a quarter of the frame size per axis:
 
-  dali-cpu        build_loader(backend="dali") over the JPEG shards, DALI CPU decoder, num_threads=1
-  dali-cpu (png)  the same over the PNG shards (what the JPEG transcode buys)
-  fallback        build_loader(backend="torch") over the JPEG shards, in-process (PIL + the same torch recipe)
-  stream (files)  build_loader(backend="stream") over the JPEG shard folder: tars read as streams, in-process
-  stream (http)   the same through http://127.0.0.1 (http.server in a thread of this process: its CPU counts too)
-  png-baseline    what existing FRRN ports do: PIL reads the leftImg8bit / gtFine PNG folders, labelIds -> trainIds
-                  by a LUT, PIL Lanczos, the authors' numpy histogram vote, np.pad reflect, np.power gamma
+  paper  whole frame, anti-aliased Lanczos /4, majority-vote labels, translation +-30 px, gamma
+  seed   a random half-height, half-width crop (a quarter of the frame), Lanczos /2, vote /2, flip, gamma
+
+with:
+
+  dali-cpu            build_loader(backend="dali") over the JPEG shards, DALI CPU decoder, num_threads=1
+  dali-cpu (no vote)  the same over shards packed without label votes (paper: the full label map decoded, voted)
+  dali-cpu (png)      the same over the PNG shards (what the JPEG transcode buys)
+  fallback            build_loader(backend="torch") over the JPEG shards, in-process (PIL + the same torch recipe)
+  stream (files)      build_loader(backend="stream") over the JPEG shard folder: tars read as streams, in-process
+  stream (http)       the same through http://127.0.0.1 (http.server in a thread of this process: its CPU counts)
+  png-baseline        what existing FRRN ports do: PIL reads the leftImg8bit / gtFine PNG folders, labelIds ->
+                      trainIds by a LUT, PIL Lanczos, the authors' numpy histogram vote, np.pad reflect (paper) or
+                      a crop and np flip (seed), np.power gamma
+
+then breaks the DALI CPU path down per stage (benchmarks/data_stages.py): read, image decode, downscale, label
+decode, finish_batch, before and after the region-of-interest decode and the packed votes.
 
 Every backend runs on one core (DALI with one worker thread, torch and BLAS with one thread), so images per
 CPU-second (user + system time of this process, all its threads) is the per-core figure; wall-clock images/s is
@@ -25,7 +35,6 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import os
 import shutil
 import tempfile
 import threading
@@ -34,16 +43,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import cpu_model, cpu_seconds
+from common import cpu_seconds, machine_line
+from data_stages import print_stages
 from PIL import Image
 
 from frrn_dist.data.labels import ID_TO_TRAIN, IGNORE_INDEX
 from frrn_dist.data.loaders import build_loader
-from frrn_dist.data.recipes import gamma_exponent, majority_vote
+from frrn_dist.data.recipes import gamma_exponent, majority_vote, make_recipe
 from frrn_dist.shards import pack
 from frrn_dist.synthetic import make_dataset, parse_hw
 
-TARGET_RATIO = 2.0
+TARGET_RATIO = 3.0  # issue 11: DALI CPU per core >= 3x the plain PIL loader, both recipes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,26 +91,41 @@ def baseline_sample(image_path: Path, label_path: Path, rng: np.random.Generator
     return x.transpose(2, 0, 1), y.astype(np.int64)
 
 
-def run_baseline(root: Path, epochs: int, **recipe) -> tuple[int, float, float]:
+def baseline_seed_sample(image_path: Path, label_path: Path, rng: np.random.Generator, *, input_hw, gamma_z, **_):
+    """The seed recipe as a plain loader does it: crop a (2h, 2w) region at a random corner, halve, flip, gamma."""
+    h, w = input_hw
+    image = Image.open(image_path).convert("RGB")
+    label = ID_TO_TRAIN[np.asarray(Image.open(label_path))]
+    y0, x0 = rng.integers(0, label.shape[0] - 2 * h + 1), rng.integers(0, label.shape[1] - 2 * w + 1)
+    x = np.asarray(image.crop((x0, y0, x0 + 2 * w, y0 + 2 * h)).resize((w, h), Image.LANCZOS), np.float32) / 255.0
+    y = baseline_vote(np.ascontiguousarray(label[y0 : y0 + 2 * h, x0 : x0 + 2 * w]), 2)
+    if rng.integers(0, 2):
+        x, y = x[:, ::-1], y[:, ::-1]
+    x = np.power(x, np.float32(gamma_exponent(rng.uniform(-gamma_z, gamma_z))))
+    return x.transpose(2, 0, 1), y.astype(np.int64)
+
+
+def run_baseline(root: Path, epochs: int, recipe_name: str, **recipe) -> tuple[int, float, float]:
     images = sorted((root / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
     pairs = [
         (p, root / "gtFine" / "train" / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds"))
         for p in images
     ]
     rng = np.random.default_rng(0)
-    baseline_sample(*pairs[0], rng, **recipe)  # warm-up (imports, first allocations)
+    sample = baseline_seed_sample if recipe_name == "seed" else baseline_sample
+    sample(*pairs[0], rng, **recipe)  # warm-up (imports, first allocations)
     n, wall, cpu = 0, time.perf_counter(), cpu_seconds()
     for _ in range(epochs):
         for order in rng.permutation(len(pairs)):
-            baseline_sample(*pairs[order], rng, **recipe)
+            sample(*pairs[order], rng, **recipe)
             n += 1
     return n, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
-def run_loader(shards: Path, backend: str, epochs: int, **recipe) -> tuple[int, float, float]:
+def run_loader(shards, backend: str, epochs: int, recipe_name: str, **recipe) -> tuple[int, float, float]:
     loader = build_loader(
-        shards, "train", backend=backend, recipe="paper", micro_batch_size=1, num_threads=1 if backend == "dali" else 0,
-        **recipe,
+        shards, "train", backend=backend, recipe=recipe_name, micro_batch_size=1,
+        num_threads=1 if backend == "dali" else 0, **recipe,
     )  # fmt: skip
     for _ in loader:  # warm-up epoch: pipeline construction, first allocations, page cache
         pass
@@ -124,67 +149,93 @@ def serve(folder: Path) -> http.server.ThreadingHTTPServer:
     return server
 
 
+def make_shards(work: Path, frames: int, hw: tuple[int, int]) -> tuple[Path, dict[str, Path]]:
+    t = time.perf_counter()
+    root = make_dataset(work / "synthetic", hw=hw, num_train=frames, num_val=0, num_train_cities=2, seed=0)
+    shards = {"jpg": work / "shards-jpg", "jpg (no vote)": work / "shards-jpg-novote", "png": work / "shards-png"}
+    pack(root, shards["jpg"], splits=("train",), image_format="jpg", jpeg_quality=95, seed=0)
+    pack(
+        root, shards["jpg (no vote)"], splits=("train",), image_format="jpg", jpeg_quality=95, seed=0, label_factors=()
+    )
+    pack(root, shards["png"], splits=("train",), image_format="png", seed=0)
+    print(f"data: {frames} synthetic {hw[0]}x{hw[1]} frames ({time.perf_counter() - t:.0f} s to make and pack)")
+    mb = lambda paths: sum(p.stat().st_size for p in paths) / 1e6 / frames
+    print(f"  source PNG {mb((root / 'leftImg8bit' / 'train').rglob('*.png')):.1f} MB/frame; shards, MB/frame: "
+          + ", ".join(f"{name} {mb(d.glob('*.tar')):.2f}" for name, d in shards.items()))  # fmt: skip
+    # Same work on both sides: the baseline's vote gives the loaders' labels (checked on one frame).
+    label = ID_TO_TRAIN[np.asarray(Image.open(next((root / "gtFine" / "train").rglob("*_labelIds.png"))))]
+    assert np.array_equal(baseline_vote(label, 4), majority_vote(torch.from_numpy(label)[None], 4)[0].numpy())
+    return root, shards
+
+
+def bench_recipe(name: str, root: Path, shards: dict[str, Path], url: str, hw, epochs: int, frames: int) -> float:
+    """Print the backend table, the ratios and the stage table of one recipe; return dali-cpu / png-baseline."""
+    input_hw = (hw[0] // 4, hw[1] // 4)
+    recipe = dict(recipe_name=name, input_hw=input_hw, translate_px=30, gamma_z=0.05)
+    plan = make_recipe(name, source_hw=hw, input_hw=input_hw, translate_px=30, gamma_z=0.05)
+    what = "Lanczos /4, majority vote, translate +-30, gamma 0.05" if name == "paper" else (
+        f"{plan.region_hw[0]}x{plan.region_hw[1]} crop, Lanczos /2, vote /2, flip, gamma 0.05")  # fmt: skip
+    print(f"\nrecipe: {name} at {input_hw[0]}x{input_hw[1]} ({what}), {epochs} timed epochs after one warm-up, "
+          "micro-batch 1, one core each")  # fmt: skip
+    rows = [
+        ("dali-cpu", lambda: run_loader(shards["jpg"], "dali", epochs, **recipe)),
+        ("dali-cpu (no vote)", lambda: run_loader(shards["jpg (no vote)"], "dali", epochs, **recipe)),
+        ("dali-cpu (png)", lambda: run_loader(shards["png"], "dali", epochs, **recipe)),
+        ("fallback", lambda: run_loader(shards["jpg"], "torch", epochs, **recipe)),
+        ("stream (files)", lambda: run_loader(shards["jpg"], "stream", epochs, **recipe)),
+        ("stream (http)", lambda: run_loader(url, "stream", epochs, **recipe)),
+        ("png-baseline", lambda: run_baseline(root, epochs, **recipe)),
+    ]
+    if name != "paper":  # the votes are packed for whole frames only: the same loader twice
+        rows = [r for r in rows if r[0] != "dali-cpu (no vote)"]
+    results = {}
+    print(f"{'backend':<20}{'images':>8}{'img/s wall':>12}{'img/CPU-s':>12}{'ms CPU/img':>12}")
+    for row, run in rows:
+        n, wall, cpu = run()
+        results[row] = n / cpu
+        print(f"{row:<20}{n:>8}{n / wall:>12.2f}{n / cpu:>12.2f}{1e3 * cpu / n:>12.1f}")
+    print(f"{'dali-gpu':<20}    not measured here (no GPU here; device='cuda' decodes the JPEGs with nvJPEG)")
+
+    ratio = results["dali-cpu"] / results["png-baseline"]
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(f"per core ({name}): dali-cpu / png-baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict}); "
+          f"fallback / png-baseline = {results['fallback'] / results['png-baseline']:.2f}x; "
+          f"dali-cpu jpg / png shards = {results['dali-cpu'] / results['dali-cpu (png)']:.2f}x")  # fmt: skip
+    if "dali-cpu (no vote)" in results:
+        print(f"per core ({name}): packed votes / voting every step = "
+              f"{results['dali-cpu'] / results['dali-cpu (no vote)']:.2f}x")  # fmt: skip
+    files, http_ = results["stream (files)"], results["stream (http)"]
+    print(f"per core ({name}): stream (files) / fallback = {files / results['fallback']:.2f}x; "
+          f"stream (http) / stream (files) = {http_ / files:.2f}x")  # fmt: skip
+    packed = f"label.x{plan.factor}.png" if name == "paper" else None
+    print_stages(shards["jpg"], "jpg", plan, packed, frames, epochs)
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16, help="full-resolution train frames to make")
     ap.add_argument("--hw", default="1024x2048", help="frame size HxW (the input is a quarter of it per axis)")
     ap.add_argument("--epochs", type=int, default=2, help="timed passes over the frames per backend")
+    ap.add_argument("--recipes", default="paper,seed", help="comma-separated recipes to run (paper, seed)")
     ap.add_argument("--keep", default=None, help="make (or reuse) the dataset and shards in this folder")
     args = ap.parse_args()
     hw = parse_hw(args.hw)
-    input_hw = (hw[0] // 4, hw[1] // 4)
-    recipe = dict(input_hw=input_hw, translate_px=30, gamma_z=0.05)
+    recipes = [r for r in args.recipes.split(",") if r]
+    if bad := [r for r in recipes if r not in ("paper", "seed")]:
+        raise SystemExit(f"error: --recipes {bad[0]!r}: expected paper or seed")
     torch.set_num_threads(1)  # one core per backend
 
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f} (shared machines: wall figures include other users)")  # fmt: skip
+    print(machine_line() + " (shared machines: wall figures include other users)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_data-"))
     try:
-        t = time.perf_counter()
-        root = make_dataset(work / "synthetic", hw=hw, num_train=args.frames, num_val=0, num_train_cities=2, seed=0)
-        jpg, png = work / "shards-jpg", work / "shards-png"
-        pack(root, jpg, splits=("train",), image_format="jpg", jpeg_quality=95, seed=0)
-        pack(root, png, splits=("train",), image_format="png", seed=0)
-        print(
-            f"data: {args.frames} synthetic {hw[0]}x{hw[1]} frames ({time.perf_counter() - t:.0f} s to make and pack)"
-        )
-        mb = lambda paths: sum(p.stat().st_size for p in paths) / 1e6 / args.frames
-        source = mb((root / "leftImg8bit" / "train").rglob("*.png"))
-        print(f"  source PNG {source:.1f} MB/frame, JPEG q95 shards {mb(jpg.glob('*.tar')):.1f} MB/frame, "
-              f"PNG shards {mb(png.glob('*.tar')):.1f} MB/frame")  # fmt: skip
-        # Same work on both sides: the baseline's vote gives the loaders' labels (checked on one frame).
-        label = ID_TO_TRAIN[np.asarray(Image.open(next((root / "gtFine" / "train").rglob("*_labelIds.png"))))]
-        assert np.array_equal(baseline_vote(label, 4), majority_vote(torch.from_numpy(label)[None], 4)[0].numpy())
-        print(f"recipe: paper at {input_hw[0]}x{input_hw[1]} (Lanczos /4, majority vote, translate +-30, gamma 0.05), "
-              f"{args.epochs} timed epochs after one warm-up, micro-batch 1, one core each")  # fmt: skip
-
-        rows = [
-            ("dali-cpu", lambda: run_loader(jpg, "dali", args.epochs, **recipe)),
-            ("dali-cpu (png)", lambda: run_loader(png, "dali", args.epochs, **recipe)),
-            ("fallback", lambda: run_loader(jpg, "torch", args.epochs, **recipe)),
-            ("stream (files)", lambda: run_loader(jpg, "stream", args.epochs, **recipe)),
-            ("stream (http)", lambda: run_loader(url, "stream", args.epochs, **recipe)),
-            ("png-baseline", lambda: run_baseline(root, args.epochs, **recipe)),
-        ]
-        server = serve(jpg)
+        root, shards = make_shards(work, args.frames, hw)
+        server = serve(shards["jpg"])
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        results = {}
-        print(f"\n{'backend':<16}{'images':>8}{'img/s wall':>12}{'img/CPU-s':>12}{'ms CPU/img':>12}")
-        for name, run in rows:
-            n, wall, cpu = run()
-            results[name] = n / cpu
-            print(f"{name:<16}{n:>8}{n / wall:>12.2f}{n / cpu:>12.2f}{1e3 * cpu / n:>12.1f}")
+        ratios = {r: bench_recipe(r, root, shards, url, hw, args.epochs, args.frames) for r in recipes}
         server.shutdown()
-        print(f"{'dali-gpu':<16}    not measured here (no GPU here; device='cuda' decodes the JPEGs with nvJPEG)")
-
-        ratio = results["dali-cpu"] / results["png-baseline"]
-        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        print(f"\nper core: dali-cpu / png-baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict}); "
-              f"fallback / png-baseline = {results['fallback'] / results['png-baseline']:.2f}x; "
-              f"dali-cpu jpg / png shards = {results['dali-cpu'] / results['dali-cpu (png)']:.2f}x")  # fmt: skip
-        files, http_ = results["stream (files)"], results["stream (http)"]
-        print(f"per core: stream (files) / fallback = {files / results['fallback']:.2f}x; "
-              f"stream (http) / stream (files) = {http_ / files:.2f}x")  # fmt: skip
+        print("\nper core, dali-cpu / png-baseline: " + ", ".join(f"{r} {v:.2f}x" for r, v in ratios.items())
+              + f" (target >= {TARGET_RATIO:.1f}x on both)")  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -3,7 +3,8 @@
     python -m frrn_dist.shards --root /data/cityscapes --out shards/cityscapes [--image-format png] [--splits train,val]
 
 One sample per frame, key `<city>_<seq>_<frame>`, members `key.jpg` (or `key.png`), `key.label.png` (8-bit 'L'
-train ids = ID_TO_TRAIN[labelIds]), `key.instance.png` (the source 16-bit instanceIds, evaluation splits only) and
+train ids = ID_TO_TRAIN[labelIds]), `key.label.x2.png` and `key.label.x4.png` (the same map majority-voted down by
+2 and 4, see `vote_down`), `key.instance.png` (the source 16-bit instanceIds, evaluation splits only) and
 `key.json`, written by webdataset's own TarWriter. Samples are shuffled with --seed before writing (DALI's shuffle
 is a local buffer and Cityscapes is sorted by city), shards roll over at --shard-size-mb, each tar gets a DALI
 index (`v1.2`, the format of DALI's `wds2idx`, written while the tar is written) and manifest.json comes last.
@@ -41,7 +42,10 @@ from frrn_dist.data.labels import CLASS_NAMES, ID_TO_TRAIN, IGNORE_INDEX, NUM_CL
 from frrn_dist.data.manifest import FORMAT, MANIFEST_NAME
 from frrn_dist.data.shardwriter import ShardWriter
 
-PACKER = "frrn_dist.shards/2"  # bump when the bytes written for the same input change
+PACKER = "frrn_dist.shards/3"  # bump when the bytes written for the same input change
+# Whole-frame recipes shrink labels by these factors (FRRN-B, FRRN-A on 1024x2048); packing their votes once
+# saves every training step a 2-megapixel PNG decode and the vote, ~20 ms of CPU per frame (BENCHMARKS.md).
+LABEL_FACTORS = (2, 4)
 SPLITS_WITHOUT_INSTANCES = ("train", "train_extra")  # training splits; every other one carries instance.png (iIoU)
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
 _VALID_LABEL = np.zeros(256, bool)
@@ -151,9 +155,32 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def vote_down(train_ids: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W) uint8 -> (H/f, W/f): each f x f cell takes the value filling more than half of it, else 255.
+
+    CHIANTI's rule, as recipes.majority_vote applies it on the fly (the loaders check nothing else: the two
+    agree exactly, tests/test_shards.py). Numpy, not torch: pack's forked workers stay clear of OpenMP.
+    """
+    H, W = train_ids.shape
+    f = factor
+    cells = train_ids.reshape(H // f, f, W // f, f).transpose(1, 3, 0, 2).reshape(f * f, H // f, W // f)
+    candidate, count = cells[0].copy(), np.ones(cells.shape[1:], np.int16)
+    for x in cells[1:]:  # Boyer-Moore: a value held by more than half the cell is the surviving candidate
+        empty = count == 0
+        candidate = np.where(empty, x, candidate)
+        count = np.where(empty | (x == candidate), count + 1, count - 1)
+    votes = (cells == candidate).sum(0)
+    return np.where(2 * votes > f * f, candidate, IGNORE_INDEX).astype(np.uint8)
+
+
+def label_factors_for(hw: tuple[int, int], factors: Sequence[int]) -> list[int]:
+    """The factors (> 1) that divide a frame of size hw in both axes."""
+    return sorted({f for f in factors if f > 1 and hw[0] % f == 0 and hw[1] % f == 0})
+
+
 def encode_frame(job: tuple) -> tuple[str, list[tuple[str, bytes]], np.ndarray]:
     """-> (key, [(ext, bytes)...] in tar order, (256,) int64 pixel counts per train id)."""
-    fr, root, split, image_format, jpeg_quality = job
+    fr, root, split, image_format, jpeg_quality, label_factors = job
     passthrough = image_format == "png"
     img = _open(fr.image, decode=not passthrough)
     lab = _open(fr.label, decode=True)
@@ -182,6 +209,8 @@ def encode_frame(job: tuple) -> tuple[str, list[tuple[str, bytes]], np.ndarray]:
             rgb.save(buf, format="JPEG", quality=jpeg_quality)
         image_bytes = buf.getvalue()
     members = [(image_format, image_bytes), ("label.png", _png(train_ids))]
+    for f in label_factors_for((lab.height, lab.width), label_factors):
+        members.append((f"label.x{f}.png", _png(vote_down(train_ids, f))))
     meta = {
         "key": fr.key,
         "city": fr.city,
@@ -278,13 +307,19 @@ def pack(
     seed: int = 0,
     workers: int | None = None,
     force: bool = False,
+    label_factors: Sequence[int] = LABEL_FACTORS,
 ) -> dict[str, Any]:
     """Pack `root` (leftImg8bit/, gtFine/) into WebDataset shards under `out`; return the manifest.
+
+    label_factors: also store each frame's labels majority-voted down by these factors (those dividing the
+    frame), which whole-frame recipes at that factor read instead of voting the full map every step.
 
     Raises InputError (a ValueError) naming the file for bad input, before anything is left in `out`.
     """
     root, out = Path(root), Path(out)
     _check_pack_args(root, out, splits, image_format, jpeg_quality, shard_size_mb)
+    if any(int(f) < 1 for f in label_factors):
+        raise InputError(f"label_factors={list(label_factors)}: factors must be >= 1")
     frames = {s: find_frames(root, s, with_instances=s not in SPLITS_WITHOUT_INSTANCES) for s in splits}
     settings = {
         "image_format": image_format,
@@ -292,6 +327,7 @@ def pack(
         "seed": seed,
         "shard_size_mb": shard_size_mb,
         "splits": list(splits),
+        "label_factors": sorted(set(label_factors)),
     }
     fingerprint = _fingerprint(root, frames, settings)
     if not force and (manifest := _up_to_date(out, fingerprint)) is not None:
@@ -311,8 +347,9 @@ def pack(
         for split in splits:
             writer = ShardWriter(tmp, split, int(shard_size_mb * 1e6))
             split_entries[split] = _pack_split(
-                writer, pool, root, split, frames[split], sizes[split], image_format, jpeg_quality, seed
-            )
+                writer, pool, root, split, frames[split], sizes[split], image_format, jpeg_quality, seed,
+                settings["label_factors"],
+            )  # fmt: skip
         manifest = {
             "format": FORMAT,
             "packer": PACKER,
@@ -368,18 +405,20 @@ def _pack_split(
     image_format: str,
     jpeg_quality: int,
     seed: int,
+    label_factors: list[int],
 ) -> dict[str, Any]:
     """Encode one split's frames (in `pool` if there is one) into `writer`'s tars; return its manifest entry."""
     # shuffle the sample order: DALI reads each rank's slice in order through a small shuffle buffer
     order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(frames))
-    jobs = [(frames[i], root, split, image_format, jpeg_quality) for i in order]
+    jobs = [(frames[i], root, split, image_format, jpeg_quality, label_factors) for i in order]
     pixels = np.zeros(256, np.int64)
     results = pool.imap(encode_frame, jobs, chunksize=1) if pool else map(encode_frame, jobs)
     for key, members, counts in tqdm(results, total=len(jobs), desc=f"pack {split}", unit="frame"):
         writer.write(key, members)
         pixels += counts
     shards = writer.close()
-    components = [image_format, "label.png"] + ([] if frames[0].instance is None else ["instance.png"])
+    components = [image_format, "label.png"] + [f"label.x{f}.png" for f in label_factors_for(hw, label_factors)]
+    components += [] if frames[0].instance is None else ["instance.png"]
     return {
         "num_samples": len(jobs),
         "height": hw[0],
@@ -424,13 +463,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: 0)")
     ap.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     ap.add_argument("--force", action="store_true", help="repack even when the output is up to date")
+    ap.add_argument("--label-factors", default=",".join(map(str, LABEL_FACTORS)),
+                    help="also store labels majority-voted down by these factors, read by whole-frame recipes at "
+                         "that factor instead of voting every step (default: 2,4; '' for none)")  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        label_factors = [int(f) for f in args.label_factors.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --label-factors {args.label_factors!r}: expected integers like 2,4") from None
     splits = [s for s in args.splits.split(",") if s]
     t0 = time.perf_counter()
     try:
         manifest = pack(args.root, args.out, splits=splits, image_format=args.image_format,
                         jpeg_quality=args.jpeg_quality, shard_size_mb=args.shard_size_mb, seed=args.seed,
-                        workers=args.workers, force=args.force)  # fmt: skip
+                        workers=args.workers, force=args.force, label_factors=label_factors)  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for split, info in manifest["splits"].items():

@@ -502,3 +502,72 @@ def test_mixed_decoder_graph_traces_and_serializes_on_cpu(shard_dir, recipe):
     )  # fmt: skip
     graph = pipe.serialize()
     assert len(graph) > 500 and b"mixed" in graph and b"gpu" in graph
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cheaper decodes: region-of-interest decoding (seed recipe) and votes packed into the shards (whole frames)
+
+
+def test_region_decode_equals_decoding_the_frame_then_cutting(shard_dir):
+    """dali.decode_region (the seed recipe's ROI decode) against fn.decoders.image + fn.slice, JPEG and PNG."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from frrn_dist.data.dali import decode_region
+    from frrn_dist.data.manifest import split_files
+
+    tars, idxs = split_files(shard_dir, "train")
+    H, W = SOURCE_HW
+    rh, rw = 64, 96  # not a multiple of JPEG's 16-pixel blocks, corners anywhere: odd offsets included
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=2)
+    def both():
+        jpg, png = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "label.png"])
+        y = fn.random.uniform(values=list(range(H - rh + 1)), dtype=types.INT32)
+        x = fn.random.uniform(values=list(range(W - rw + 1)), dtype=types.INT32)
+        corner = fn.stack(y, x)
+        outs = [corner]
+        for enc, kind in ((jpg, types.RGB), (png, types.ANY_DATA)):
+            whole = fn.decoders.image(enc, output_type=kind)
+            outs += [
+                decode_region(enc, corner, (rh, rw), output_type=kind),
+                fn.slice(whole, start=corner, shape=[rh, rw], axes=[0, 1]),
+            ]
+        return tuple(outs)
+
+    pipe = both()
+    pipe.build()
+    corners = set()
+    for _ in range(4):
+        corner, *pairs = pipe.run()
+        for i in range(4):
+            corners.add(tuple(np.array(corner[i])))
+            for region, cut in zip(pairs[::2], pairs[1::2]):
+                assert np.array(region[i]).shape[:2] == (rh, rw)
+                np.testing.assert_array_equal(np.array(region[i]), np.array(cut[i]))
+    assert any(y % 2 for y, _ in corners) and any(x % 16 for _, x in corners)
+
+
+@pytest.fixture(scope="module")
+def shard_dir_unvoted(synthetic_root, tmp_path_factory) -> Path:
+    from frrn_dist.shards import pack
+
+    out = tmp_path_factory.mktemp("unvoted") / "shards"
+    pack(synthetic_root, out, image_format="jpg", shard_size_mb=0.1, seed=0, label_factors=())
+    return out
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "stream"])
+@pytest.mark.parametrize("recipe, input_hw", [("paper", (32, 64)), ("eval", (64, 128))])
+def test_packed_votes_give_the_batches_of_voting_on_the_fly(shard_dir, shard_dir_unvoted, backend, recipe, input_hw):
+    split = "train" if recipe == "paper" else "val"
+    kw = dict(backend=backend, recipe=recipe, input_hw=input_hw, micro_batch_size=3, translate_px=4, seed=4,
+              num_threads=THREADS.get(backend, 0), full_res_targets=recipe == "eval")  # fmt: skip
+    packed, unvoted = build_loader(shard_dir, split, **kw), build_loader(shard_dir_unvoted, split, **kw)
+    assert packed.spec.label_ext == f"label.x{128 // input_hw[0]}.png" and unvoted.spec.label_ext == "label.png"
+    for a, b in zip(collect(packed, 2), collect(unvoted, 2), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+            assert (x.labels != 255).any() and (x.labels == 255).any()  # translation / void: not all one value
+            if recipe == "eval":
+                assert torch.equal(x.full_labels, y.full_labels) and x.full_labels.shape[-2:] == SOURCE_HW
+                assert torch.equal(x.full_instances, y.full_instances)

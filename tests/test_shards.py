@@ -62,7 +62,8 @@ def test_round_trip(fixture: str, request, synthetic_root: Path):
         assert set(samples) == source_keys(synthetic_root, split)  # every frame exactly once
         for key, s in samples.items():
             meta = json.loads(s["json"])
-            expected_members = {image_ext, "label.png", "json"} | ({"instance.png"} if split == "val" else set())
+            expected_members = {image_ext, "label.png", "label.x2.png", "label.x4.png", "json"}
+            expected_members |= {"instance.png"} if split == "val" else set()
             assert set(s) == expected_members
             assert meta["key"] == key and meta["split"] == split and key.startswith(meta["city"] + "_")
             src_img = np.asarray(Image.open(synthetic_root / meta["image"]))
@@ -99,7 +100,8 @@ def test_manifest_matches_the_files(fixture: str, request, synthetic_root: Path)
         samples = read_split(shard_dir, split)
         assert info["num_samples"] == len(samples) == len(source_keys(synthetic_root, split))
         assert (info["height"], info["width"]) == (128, 256)
-        assert info["components"][1:] == ["label.png"] + (["instance.png"] if split == "val" else []) + ["json"]
+        votes = ["label.x2.png", "label.x4.png"]  # the default LABEL_FACTORS, both dividing 128x256
+        assert info["components"][1:] == ["label.png", *votes] + (["instance.png"] if split == "val" else []) + ["json"]
         assert len(info["shards"]) >= 2  # 0.1 MB shards: rolled over
         pixels = np.zeros(256, np.int64)
         for s in samples.values():
@@ -339,3 +341,30 @@ def test_cli_errors_and_help(tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "frrn_dist.shards", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--image-format" in r.stdout and "--shard-size-mb" in r.stdout
     assert os.path.basename(sys.executable)  # the interpreter the tests run under runs the CLI
+
+
+def test_packed_votes_equal_the_reference_vote(shard_dir: Path):
+    """label.x2/x4.png hold the cell-by-cell majority vote (a plain count, not the packer's Boyer-Moore) of label.png,
+    on frames with class boundaries, void and ties; and a hand-made noisy map at other factors."""
+    from .test_data_recipes import reference_vote
+
+    for split in SPLITS:
+        for key, s in read_split(shard_dir, split).items():
+            full = decode(s["label.png"])
+            for f in (2, 4):
+                np.testing.assert_array_equal(decode(s[f"label.x{f}.png"]), reference_vote(full, f), err_msg=key)
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 19, (6, 9)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    noisy = np.where(rng.random(blocks.shape) < 0.4, rng.choice([0, 1, 255], blocks.shape), blocks).astype(np.uint8)
+    for f in (2, 3, 4, 8):
+        np.testing.assert_array_equal(shards_mod.vote_down(noisy, f), reference_vote(noisy, f), err_msg=f"f={f}")
+
+
+def test_label_factors_are_packed_only_where_they_divide(synthetic_root: Path, tmp_path: Path):
+    out = tmp_path / "votes"
+    pack(synthetic_root, out, splits=("val",), shard_size_mb=0.1, label_factors=(3, 4, 1))  # 128x256: 3 does not divide
+    info = read_manifest(out)["splits"]["val"]
+    assert [c for c in info["components"] if c.startswith("label")] == ["label.png", "label.x4.png"]
+    assert all("label.x4.png" in s and "label.x3.png" not in s for s in read_split(out, "val").values())
+    with pytest.raises(InputError, match=r"label_factors=\[0\]"):
+        pack(synthetic_root, tmp_path / "bad", splits=("val",), label_factors=(0,))

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from frrn_dist.data.manifest import ShardError
 from frrn_dist.data.recipes import Batch, Recipe, draw_crops, draw_params, finish_batch
 from frrn_dist.data.shardindex import Sample, shard_range
-from frrn_dist.data.spec import LoaderBase, LoaderSpec
+from frrn_dist.data.spec import FULL_LABEL, LoaderBase, LoaderSpec
 from frrn_dist.data.state import pack_state
 
 
@@ -49,9 +49,13 @@ def lanczos_downscale(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 class _BatchDataset(Dataset):
     """Item = one micro-batch: a list of (sample index, random row, crop corner). Returns finished tensors."""
 
-    def __init__(self, samples: list[Sample], recipe: Recipe, image_ext: str, full_res: bool, instances: bool):
+    def __init__(
+        self, samples: list[Sample], recipe: Recipe, image_ext: str, full_res: bool, instances: bool, label_ext: str
+    ):
         self.samples, self.recipe, self.image_ext = samples, recipe, image_ext
         self.full_res, self.instances = full_res, instances
+        # the full map (voted by finish_batch) or a vote packed at the recipe's factor (spec.label_member)
+        self.label_ext, self.label_factor = label_ext, recipe.factor if label_ext == FULL_LABEL else 1
         self._fds: dict[str, int] = {}  # per worker process: tar path -> open file descriptor
 
     def __len__(self) -> int:  # items are batch specs from the sampler, not positions
@@ -74,7 +78,7 @@ class _BatchDataset(Dataset):
             raise ShardError(f"{sample.tar}: truncated inside {sample.key}.{ext}")
         return data
 
-    def _decode(self, sample: Sample, ext: str, mode: str) -> np.ndarray:
+    def _decode(self, sample: Sample, ext: str, mode: str, hw: tuple[int, int] | None = None) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(self._read(sample, ext))) as im:
                 if ext == self.image_ext:
@@ -84,10 +88,11 @@ class _BatchDataset(Dataset):
                 array = np.asarray(im)
         except (OSError, SyntaxError) as e:
             raise ShardError(f"{sample.tar}: cannot decode {sample.key}.{ext} ({e})") from e
-        if array.shape[:2] != tuple(self.recipe.source_hw):
+        want = tuple(hw or self.recipe.source_hw)
+        if array.shape[:2] != want:
             raise ShardError(
                 f"{sample.tar}: {sample.key}.{ext} is {array.shape[0]}x{array.shape[1]}, the manifest says "
-                f"{self.recipe.source_hw[0]}x{self.recipe.source_hw[1]}"
+                f"{want[0]}x{want[1]}"
             )
         return array
 
@@ -100,25 +105,31 @@ class _BatchDataset(Dataset):
 
     def _batch(self, spec):
         (h, w), (rh, rw) = self.recipe.input_hw, self.recipe.region_hw
-        images, labels, keys, instances, params = [], [], [], [], []
+        packed = self.label_ext != FULL_LABEL
+        lh, lw = (h, w) if packed else (rh, rw)
+        images, labels, full_labels, keys, instances, params = [], [], [], [], [], []
         for index, row, (y, x) in spec:
             sample = self.samples[index]
             image = self._decode(sample, self.image_ext, "RGB")[y : y + rh, x : x + rw]
-            label = self._decode(sample, "label.png", "L")[y : y + rh, x : x + rw]
+            if packed:  # whole frames only: no crop
+                labels.append(self._decode(sample, self.label_ext, "L", (h, w)))
+            else:
+                labels.append(self._decode(sample, FULL_LABEL, "L")[y : y + rh, x : x + rw])
+            if self.full_res:
+                full_labels.append(self._decode(sample, FULL_LABEL, "L") if packed else labels[-1])
             images.append(lanczos_downscale(image, (h, w)))
-            labels.append(label)
             keys.append(json.loads(self._read(sample, "json"))["key"])
             params.append(row)
             if self.instances:
                 instances.append(self._decode(sample, "instance.png", "I;16").astype(np.int32))
         H, W = self.recipe.source_hw
         images = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, h, w, 3), dtype=torch.uint8)
-        labels = torch.from_numpy(np.stack(labels)) if labels else torch.zeros((0, rh, rw), dtype=torch.uint8)
+        stack = lambda arrays, hw: torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, *hw), dtype=torch.uint8)
         random = self.recipe.random and len(spec) > 0
-        x, y = finish_batch(images, labels, np.stack(params) if random else None, factor=self.recipe.factor)
+        x, y = finish_batch(images, stack(labels, (lh, lw)), np.stack(params) if random else None, factor=self.label_factor)
         out = dict(images=x, labels=y, keys=keys)
         if self.full_res:
-            out["full_labels"] = labels  # uint8, widened only where scored
+            out["full_labels"] = stack(full_labels, (H, W))  # uint8, widened only where scored
             if self.instances:
                 out["full_instances"] = (
                     torch.from_numpy(np.stack(instances)) if instances else torch.zeros((0, H, W), dtype=torch.int32)
@@ -166,7 +177,9 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, spec: LoaderSpec, *, samples: list[Sample]):
         super().__init__(spec)
-        self._dataset = _BatchDataset(samples, spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances)
+        self._dataset = _BatchDataset(
+            samples, spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances, spec.label_ext
+        )
         self._num_samples = len(samples)
         self._device = spec.torch_device
         self._sampler, self._loader = _Specs(), None

@@ -30,7 +30,7 @@ import torch
 from frrn_dist.data.manifest import BACKOFF_S, RETRIES, ShardError, is_url, location, split_files, split_info
 from frrn_dist.data.recipes import Batch, Recipe, RecipeError, finish_batch, make_recipe
 from frrn_dist.data.shardindex import index_split
-from frrn_dist.data.spec import LoaderBase, LoaderSpec, sample_components
+from frrn_dist.data.spec import FULL_LABEL, LoaderBase, LoaderSpec, label_member, sample_components
 from frrn_dist.data.state import LoaderError, pack_state, unpack_state
 
 if TYPE_CHECKING:
@@ -98,7 +98,8 @@ def build_loader(
         full_res_targets=full_res_targets,
     )  # fmt: skip
     instances = full_res_targets and "instance.png" in info.get("components", [])
-    needed = sample_components(image_ext, instances)
+    label_ext = label_member(plan, info.get("components", []))
+    needed = sample_components(image_ext, instances, label_ext, full_res_targets)
     samples = index_split(shard_dir, split, needed) if backend != "stream" else None  # stream: no .idx up front
     num_samples = len(samples) if samples is not None else info["num_samples"]
     drop_last = recipe != "eval"
@@ -114,7 +115,7 @@ def build_loader(
         recipe=plan, image_ext=image_ext, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
         seed=seed, num_batches=num_batches, drop_last=drop_last, shuffle=setup["shuffle"],
         full_res_targets=full_res_targets, instances=instances, device=device, device_id=device_id,
-        num_threads=num_threads, setup=setup, position=position,
+        num_threads=num_threads, setup=setup, position=position, label_ext=label_ext,
     )  # fmt: skip
     return _backend_loader(
         backend, spec, shard_dir=shard_dir, split=split, info=info, samples=samples, dali_checkpoint=payload,
@@ -292,6 +293,8 @@ class DaliLoader(LoaderBase):
             shuffle_buffer=shuffle_buffer,
             decode_device="mixed" if spec.device == "cuda" else "cpu",
             instances=spec.instances,
+            label_ext=spec.label_ext,
+            full_labels=spec.full_res_targets and spec.label_ext != FULL_LABEL,
             batch_size=spec.micro_batch_size,
             num_threads=spec.num_threads,
             device_id=spec.device_id if spec.device == "cuda" else None,
@@ -306,7 +309,7 @@ class DaliLoader(LoaderBase):
         self._it = self._call(
             DALIGenericIterator,
             [pipe],
-            output_names(spec.recipe, spec.instances),
+            output_names(spec.recipe, spec.instances, spec.full_res_targets and spec.label_ext != FULL_LABEL),
             reader_name="Reader",
             last_batch_policy=LastBatchPolicy.PARTIAL,
             auto_reset=True,
@@ -354,12 +357,13 @@ class DaliLoader(LoaderBase):
             raise LoaderError(f"{where}: DALI failed while reading: {_dali_reason(str(e))}") from e
 
     def _to_batch(self, out: dict) -> Batch:
-        labels = out["label"][..., 0]  # (N, Hr, Wr) uint8
-        images, small = finish_batch(out["image"], labels, out.get("params"), factor=self.recipe.factor)
+        labels = out["label"][..., 0]  # (N, Hr, Wr) uint8, or (N, h, w) when packed voted
+        images, small = finish_batch(out["image"], labels, out.get("params"), factor=self.spec.label_factor)
         keys = [json.loads(bytes(m.numpy()).rstrip(b"\0"))["key"] for m in out["meta"]]
         batch = Batch(images=images, labels=small, keys=keys)
         if self.spec.full_res_targets:
-            batch.full_labels = labels  # uint8: a 1024x2048 frame is 2 MB, not 16 MB as int64
+            # uint8: a 1024x2048 frame is 2 MB, not 16 MB as int64
+            batch.full_labels = out["full_label"][..., 0] if "full_label" in out else labels
             if "instance" in out:
                 batch.full_instances = out["instance"][..., 0].int()
         return batch

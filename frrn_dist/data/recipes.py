@@ -173,12 +173,18 @@ def majority_vote(labels: torch.Tensor, factor: int) -> torch.Tensor:
         raise RecipeError(f"label map {H}x{W} is not a multiple of the downscale factor {factor}")
     f = factor
     cells = [labels[:, i::f, j::f] for i in range(f) for j in range(f)]  # f*f strided views, (N, H/f, W/f) each
-    candidate = cells[0].clone()
-    count = torch.ones_like(candidate, dtype=torch.int16)
-    for x in cells[1:]:
-        empty = count == 0
-        candidate = torch.where(empty, x, candidate)
-        count = torch.where(empty | (x == candidate), count + 1, count - 1)
+    if f == 2:
+        # FRRN-B's and the seed recipe's factor: a value in 3 of the 4 pixels is a or b (only one pixel differs),
+        # and if a != b it is the one c agrees with: 4 ops instead of Boyer-Moore's 21, half the vote's CPU time.
+        a, b, c = cells[:3]
+        candidate = torch.where((a == b) | (a == c), a, b)
+    else:
+        candidate = cells[0].clone()
+        count = torch.ones_like(candidate, dtype=torch.int16)
+        for x in cells[1:]:
+            empty = count == 0
+            candidate = torch.where(empty, x, candidate)
+            count = torch.where(empty | (x == candidate), count + 1, count - 1)
     votes = sum((x == candidate).to(torch.int16) for x in cells)
     return torch.where(2 * votes > f * f, candidate, torch.full_like(candidate, IGNORE_INDEX))
 

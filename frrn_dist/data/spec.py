@@ -20,9 +20,24 @@ if TYPE_CHECKING:
     from frrn_dist.data.recipes import Recipe
 
 
-def sample_components(image_ext: str, instances: bool) -> list[str]:
-    """The members a loader reads from every sample (instance.png only for full-resolution scoring)."""
-    return [image_ext, "label.png", "json"] + (["instance.png"] if instances else [])
+FULL_LABEL = "label.png"
+
+
+def label_member(recipe: Recipe, components: list[str]) -> str:
+    """The label member the loader decodes: the packed vote at the recipe's factor (`label.x4.png`, see
+    frrn_dist.shards) for a whole-frame recipe when the shards hold it, else the full map, which finish_batch
+    votes down on the fly. Both give the same labels; the packed one skips a 2-megapixel decode and the vote."""
+    packed = f"label.x{recipe.factor}.png"
+    if recipe.region_hw == recipe.source_hw and recipe.factor > 1 and packed in components:
+        return packed
+    return FULL_LABEL
+
+
+def sample_components(image_ext: str, instances: bool, label_ext: str = FULL_LABEL, full_res: bool = False):
+    """The members a loader reads from every sample: image, labels, json; the full-resolution label map too when
+    scoring at full resolution reads it beside a packed vote; instance.png only for full-resolution scoring."""
+    full = [FULL_LABEL] if full_res and label_ext != FULL_LABEL else []
+    return [image_ext, label_ext, "json"] + full + (["instance.png"] if instances else [])
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,12 @@ class LoaderSpec:
     num_threads: int
     setup: dict
     position: dict
+    label_ext: str = FULL_LABEL  # spec.label_member: the full map, or a vote packed at the recipe's factor
+
+    @property
+    def label_factor(self) -> int:
+        """The factor finish_batch still votes the decoded labels down by (1 for a packed vote)."""
+        return self.recipe.factor if self.label_ext == FULL_LABEL else 1
 
     @property
     def torch_device(self) -> torch.device:

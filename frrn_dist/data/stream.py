@@ -155,8 +155,8 @@ def segments(counts: list[int], order: list[int], begin: int, end: int) -> list[
 class _Decoder(_BatchDataset):
     """The fallback's PIL decode + Lanczos + finish_batch, reading member bytes from held samples."""
 
-    def __init__(self, recipe: Recipe, image_ext: str, full_res: bool, instances: bool):
-        super().__init__([], recipe, image_ext, full_res, instances)
+    def __init__(self, recipe: Recipe, image_ext: str, full_res: bool, instances: bool, label_ext: str):
+        super().__init__([], recipe, image_ext, full_res, instances, label_ext)
         self._held: dict[tuple[str, str], dict] = {}
 
     def _read(self, sample: Sample, ext: str) -> bytes:
@@ -336,10 +336,10 @@ class StreamLoader(LoaderBase):
         if on_error not in ON_ERROR:
             raise ShardError(f"on_error={on_error!r}: expected one of {', '.join(ON_ERROR)}")
         super().__init__(spec)
-        components = sample_components(spec.image_ext, spec.instances)
+        components = sample_components(spec.image_ext, spec.instances, spec.label_ext, spec.full_res_targets)
         self._src = _Source(str(shard_dir), shards, components, retries, retry_backoff_s)
         self._counts = [int(sh["num_samples"]) for sh in shards]
-        self._decoder = _Decoder(spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances)
+        self._decoder = _Decoder(spec.recipe, spec.image_ext, spec.full_res_targets, spec.instances, spec.label_ext)
         self._plan_args = dict(
             rank=spec.rank, world_size=spec.world_size, seed=spec.seed, num_batches=spec.num_batches,
             micro_batch_size=spec.micro_batch_size, drop_last=spec.drop_last, shuffle=spec.shuffle,
