@@ -242,12 +242,14 @@ def setup_run(cfg: DictConfig) -> tuple[torch.device, Path]:
 def perf_model(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """What perf/tflops and perf/mfu are computed from: FLOPs per image (counted once, on a meta-device model at
     the training size: no memory, no compute) and this rank's peak at the training precision (logged)."""
-    with torch.device("meta"):
-        flops = hardware.flops_per_image(build_model(cfg.model), tuple(cfg.data.input_hw))
-    # Rank 0 measures (a CPU's peak is a matmul timed here) while the others wait, so no rank's measurement is
-    # slowed by another's, and every rank reports against the same number.
-    measured = hardware.dense_peak_tflops(device, cfg.train.precision) if dist.is_main_process() else None
-    peak, source = dist.broadcast_object(measured)
+    # Rank 0 counts (~1.5 s of Python on the meta device) and measures (a CPU's peak is a matmul timed here) while
+    # the others wait, so no rank's measurement is slowed by another's, and every rank reports the same numbers.
+    measured = None
+    if dist.is_main_process():
+        with torch.device("meta"):
+            flops = hardware.flops_per_image(build_model(cfg.model), tuple(cfg.data.input_hw))
+        measured = flops, hardware.dense_peak_tflops(device, cfg.train.precision)
+    flops, (peak, source) = dist.broadcast_object(measured)
     peak_text = f"{peak:.3g} TFLOP/s per rank ({source})" if peak else f"unknown ({source}): no perf/mfu"
     log.info(f"FRRN-{cfg.model.arch} forward+backward: {flops / 1e9:.2f} GFLOP per image; peak {peak_text}")
     return {"flops_per_image": flops, "peak_tflops": peak}

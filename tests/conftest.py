@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic Cityscapes dataset on disk and its shards (session-scoped, built once)."""
+"""Shared fixtures: a tiny synthetic Cityscapes dataset on disk and its shards (session-scoped, built once); the
+order files run in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ import pytest
 
 from frrn_dist.shards import pack
 from frrn_dist.synthetic import make_dataset
+
+# Files that take a minute or more (each runs several multi-process trainings, or compiles FRRN-A) run first, the
+# rest after them in their usual order: `make test` runs pytest-xdist with whole files per worker (--dist
+# loadfile), and long files started last would leave one worker finishing alone (measured: ~1 min of the suite).
+LONG_FILES = ("test_compile", "test_loop", "test_train", "test_faults", "test_elastic", "test_cluster", "test_stream",
+              "test_gpu_check")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONG_FILES)))  # stable: same order within a file
+
 
 # 6 train frames (2 cities) + 4 val frames (1 city) at 128x256: every frame holds all 19 classes, ~2 s to make.
 SYNTHETIC_HW = (128, 256)
