@@ -158,8 +158,9 @@ def _png(arr: np.ndarray) -> bytes:
 def vote_down(train_ids: np.ndarray, factor: int) -> np.ndarray:
     """(H, W) uint8 -> (H/f, W/f): each f x f cell takes the value filling more than half of it, else 255.
 
-    CHIANTI's rule, as recipes.majority_vote applies it on the fly (the loaders check nothing else: the two
-    agree exactly, tests/test_shards.py). Numpy, not torch: pack's forked workers stay clear of OpenMP.
+    CHIANTI's rule, the one recipes.majority_vote applies on the fly (tests/test_shards.py checks this one against a
+    plain per-cell count, tests/test_loaders.py the loaders' batches with and without it). Numpy, not torch: pack's
+    forked workers stay clear of OpenMP.
     """
     H, W = train_ids.shape
     f = factor

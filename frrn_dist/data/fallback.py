@@ -123,18 +123,22 @@ class _BatchDataset(Dataset):
             if self.instances:
                 instances.append(self._decode(sample, "instance.png", "I;16").astype(np.int32))
         H, W = self.recipe.source_hw
-        images = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, h, w, 3), dtype=torch.uint8)
-        stack = lambda arrays, hw: torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, *hw), dtype=torch.uint8)
         random = self.recipe.random and len(spec) > 0
-        x, y = finish_batch(images, stack(labels, (lh, lw)), np.stack(params) if random else None, factor=self.label_factor)
+        x, y = finish_batch(
+            _stack(images, (h, w, 3), torch.uint8), _stack(labels, (lh, lw), torch.uint8),
+            np.stack(params) if random else None, factor=self.label_factor,
+        )  # fmt: skip
         out = dict(images=x, labels=y, keys=keys)
         if self.full_res:
-            out["full_labels"] = stack(full_labels, (H, W))  # uint8, widened only where scored
+            out["full_labels"] = _stack(full_labels, (H, W), torch.uint8)  # uint8, widened only where scored
             if self.instances:
-                out["full_instances"] = (
-                    torch.from_numpy(np.stack(instances)) if instances else torch.zeros((0, H, W), dtype=torch.int32)
-                )
+                out["full_instances"] = _stack(instances, (H, W), torch.int32)
         return out
+
+
+def _stack(arrays: list[np.ndarray], hw: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """(N, *hw) from N arrays; an empty batch (evaluation's short last one) as a (0, *hw) tensor."""
+    return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, *hw), dtype=dtype)
 
 
 class _Specs:
