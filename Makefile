@@ -33,11 +33,13 @@ format: install  ## ruff format and fix in place
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# pytest-xdist: one worker per core, whole files per worker (module fixtures are built once). Most tests wait on
-# processes they start, so 2 workers on 2 cores took the suite from 883 s to 523 s. TEST_WORKERS=0 runs serially.
+# pytest-xdist: one worker per core, whole files per worker (module fixtures are built once), files handed out in
+# collection order (tests/conftest.py puts the minute-long ones first; xdist's default reorder by test count sent
+# test_compile's 3 tests last, one worker compiling alone for 4 minutes). Most tests wait on processes they start,
+# so 2 workers on 2 cores took the suite from 883 s to 523-548 s. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install lint  ## set up, lint and run the whole test suite (slow tests included), one worker per core
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: install  ## set up, make synthetic Cityscapes, pack it, train FRRN-A on 2 CPU ranks, evaluate
 	PYTHON=$(PY) bash launch/demo.sh
