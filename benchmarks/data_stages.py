@@ -53,18 +53,23 @@ def _corner(recipe: Recipe):
     return fn.stack(y, x)
 
 
+def _decode_paths(recipe: Recipe, output_type):
+    """(before, now) decode graphs: the whole frame decoded then cut vs only the region decoded (seed recipe);
+    whole frames are decoded whole either way."""
+    rh, rw = recipe.region_hw
+    whole = lambda e: fn.decoders.image(e, output_type=output_type)
+    if recipe.region_hw == recipe.source_hw:
+        return whole, whole
+    cut = lambda e: fn.slice(whole(e), start=_corner(recipe), shape=[rh, rw], axes=[0, 1])
+    return cut, lambda e: decode_region(e, _corner(recipe), (rh, rw), output_type=output_type)
+
+
 def _image_stages(tars, idxs, image_ext: str, recipe: Recipe, frames: int, epochs: int) -> dict:
     """{stage: (before ms, now ms)} for reading, decoding and shrinking the image."""
-    (rh, rw), hw = recipe.region_hw, list(recipe.input_hw)
-    crop = recipe.region_hw != recipe.source_hw
+    hw, crop = list(recipe.input_hw), recipe.region_hw != recipe.source_hw
     run = lambda build: _cpu_ms(tars, idxs, [image_ext], build, frames, epochs)
     read = run(lambda e: fn.cast(e, dtype=types.UINT8))
-    whole = lambda e: fn.decoders.image(e, output_type=types.RGB)
-    if crop:
-        cut = lambda e: fn.slice(whole(e), start=_corner(recipe), shape=[rh, rw], axes=[0, 1])
-        roi = lambda e: decode_region(e, _corner(recipe), (rh, rw), output_type=types.RGB)
-    else:
-        cut = roi = whole
+    cut, roi = _decode_paths(recipe, types.RGB)
     decode_before, decode_now = run(cut), run(roi)
     resize_before = run(lambda e: fn.resize(cut(e), size=hw, **LANCZOS))
     resize_now = run(lambda e: fn.resize(roi(e), size=hw, **LANCZOS))
@@ -77,17 +82,12 @@ def _image_stages(tars, idxs, image_ext: str, recipe: Recipe, frames: int, epoch
 
 def _label_stages(tars, idxs, recipe: Recipe, packed: str | None, frames: int, epochs: int) -> dict:
     """{stage: (before ms, now ms)} for the label decode and finish_batch (vote, translate, flip, gamma)."""
-    (rh, rw), crop = recipe.region_hw, recipe.region_hw != recipe.source_hw
+    crop = recipe.region_hw != recipe.source_hw
     cast = lambda b: fn.cast(b, dtype=types.UINT8)
     now_exts = [packed] if packed else ["label.png"]
     read_before = _cpu_ms(tars, idxs, ["label.png"], cast, frames, epochs)
     read_now = _cpu_ms(tars, idxs, now_exts, cast, frames, epochs) if packed else read_before
-    full = lambda b: fn.decoders.image(b, output_type=types.ANY_DATA)
-    if crop:
-        before = lambda b: fn.slice(full(b), start=_corner(recipe), shape=[rh, rw], axes=[0, 1])
-        now = lambda b: decode_region(b, _corner(recipe), (rh, rw), output_type=types.ANY_DATA)
-    else:
-        before = now = full
+    before, now = _decode_paths(recipe, types.ANY_DATA)
     before_ms, labels = _cpu_ms(tars, idxs, ["label.png"], before, frames, epochs, outputs=True)
     now_ms, small = _cpu_ms(tars, idxs, now_exts, now, frames, epochs, outputs=True)
     finish_before = _finish_ms(recipe, [x[0][..., 0] for x in labels], recipe.factor, epochs)
