@@ -3,6 +3,7 @@ and loss / mIoU curves of one or several runs.
 
 matplotlib's object API (Figure, no pyplot) needs no display and keeps no global figure state, so this runs on
 headless nodes and inside the training loop. Every PNG goes to a temporary name first and is renamed when whole.
+matplotlib is imported at the first figure (0.6 s): ranks that never plot, and the masks and overlays, skip it.
 
 Imports: matplotlib, numpy, frrn_dist.data.labels.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from frrn_dist.data.labels import CLASS_NAMES, IGNORE_INDEX, TRAIN_COLORS, colorize_train_ids
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "colorize_train_ids",
@@ -41,6 +44,12 @@ def overlay(rgb: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.nd
     return out.round().astype(np.uint8)
 
 
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write a figure atomically (temp name, then rename) and return the path."""
     path = Path(path)
@@ -58,7 +67,7 @@ def plot_confusion(confusion: list[list[int]] | np.ndarray, path: str | Path, *,
     norm = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)  # classes absent from GT: blank row
     n = len(cm)
     names = CLASS_NAMES[:n]
-    fig = Figure(figsize=(9, 8), layout="constrained")
+    fig = _figure(figsize=(9, 8), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(n), names, rotation=90)
@@ -80,7 +89,7 @@ def plot_class_iou(class_iou: dict[str, float | None], path: str | Path, *, titl
     names = list(class_iou)
     values = [float("nan") if class_iou[n] is None else class_iou[n] for n in names]
     colors = [TRAIN_COLORS[CLASS_NAMES.index(n)] / 255 if n in CLASS_NAMES else (0.3, 0.3, 0.6) for n in names]
-    fig = Figure(figsize=(7, 0.3 * len(names) + 1.2), layout="constrained")
+    fig = _figure(figsize=(7, 0.3 * len(names) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(names))
     ax.barh(y, [0 if math.isnan(v) else v for v in values], color=colors, edgecolor="black", linewidth=0.5)
@@ -116,7 +125,7 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
 def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path:
     """Train loss, val loss, val mIoU, throughput and utilisation against the optimizer step, one line per run
     (metrics.jsonl records)."""
-    fig = Figure(figsize=(25, 4.2), layout="constrained")
+    fig = _figure(figsize=(25, 4.2), layout="constrained")
     panels = fig.subplots(1, 5)
     charts = (
         ("train", "loss", "train loss"),
@@ -158,7 +167,7 @@ def plot_run_curves(records: list[dict[str, Any]], path: str | Path, *, title: s
 
 def plot_table(header: list[str], rows: list[list[str]], path: str | Path, *, title: str = "") -> Path:
     """A table of strings rendered as a PNG (for people who paste pictures into reports)."""
-    fig = Figure(figsize=(max(4.0, 1.6 * len(header)), 0.4 * (len(rows) + 1) + 0.6), layout="constrained")
+    fig = _figure(figsize=(max(4.0, 1.6 * len(header)), 0.4 * (len(rows) + 1) + 0.6), layout="constrained")
     ax = fig.add_subplot()
     ax.axis("off")
     table = ax.table(cellText=rows or [["" for _ in header]], colLabels=header, loc="center", cellLoc="left")

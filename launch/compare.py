@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from frrn_dist.cli import skip_gc_at_exit  # noqa: E402
 from frrn_dist.compare import compare_runs  # noqa: E402
 
 
@@ -33,3 +34,4 @@ if __name__ == "__main__":
     except ValueError as e:  # bad input: one line naming the folder or file, non-zero exit
         raise SystemExit(f"compare: {e}") from None
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    skip_gc_at_exit()

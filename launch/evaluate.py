@@ -60,3 +60,4 @@ if __name__ == "__main__":
         write_predictions=args.write_predictions, out=args.out, micro_batch_size=args.micro_batch_size,
         backend=args.backend, device=args.device, num_workers=args.workers,
     )  # fmt: skip
+    cli.skip_gc_at_exit()

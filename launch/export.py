@@ -38,3 +38,4 @@ if __name__ == "__main__":
     cli.run_command(
         "export", main, args.checkpoint, args.out, onnx=args.onnx, input_hw=args.input_hw, tolerance=args.tolerance
     )
+    cli.skip_gc_at_exit()

@@ -53,3 +53,4 @@ if __name__ == "__main__":
         scales=args.scales, flip=args.flip, input_hw=args.input_hw, alpha=args.alpha, device=args.device,
         max_image_pixels=args.max_image_pixels,
     )  # fmt: skip
+    cli.skip_gc_at_exit()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from frrn_dist.cli import skip_gc_at_exit  # noqa: E402
 from frrn_dist.config import parse_args  # noqa: E402
 from frrn_dist.data.loaders import LoaderError, RecipeError, ShardError  # noqa: E402
 from frrn_dist.train import main  # noqa: E402
@@ -22,3 +23,4 @@ if __name__ == "__main__":
         main(cfg)
     except (LoaderError, RecipeError, ShardError) as e:  # bad data: one line naming the file, not a traceback
         raise SystemExit(f"error: {e}") from None
+    skip_gc_at_exit()

@@ -36,7 +36,7 @@ MICRO_BATCH, HW = 2, (32, 64)  # tiny()'s
 
 
 def overrides(shards: str, out: str, stage: int, extra: list[str]) -> list[str]:
-    return tiny(Path(shards), Path(out), f"zero{stage}", f"train.zero_stage={stage}", "wandb.enabled=false", *extra)
+    return tiny(Path(shards), Path(out), f"zero{stage}", f"train.zero_stage={stage}", *extra)
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,8 +224,8 @@ def test_checkpoints_cli_help_names_both_commands(capsys):
 
 
 def cli_overrides(shard_dir: Path, out: Path, *extra: str) -> list[str]:
-    # the worker's run (tiny() + zero_stage, wandb off) resumed for one more step, without evaluating
-    return tiny(shard_dir, out, "zero1", "train.zero_stage=1", "wandb.enabled=false", "train.max_steps=3",
+    # the worker's run (tiny() + zero_stage) resumed for one more step, without evaluating
+    return tiny(shard_dir, out, "zero1", "train.zero_stage=1", "train.max_steps=3",
                 "train.eval_every_steps=0", *extra)  # fmt: skip
 
 
@@ -306,7 +306,7 @@ def test_new_rank_count_reads_the_data_as_a_fresh_run_would(killed_then_resumed,
 def test_resume_with_another_architecture_stops_with_one_line(saved, shard_dir):
     run = saved / "zero2"
     config_before = (run / "config.yaml").read_text()
-    overrides = tiny(shard_dir, saved, "zero2", "train.zero_stage=2", "wandb.enabled=false", "model.arch=B")
+    overrides = tiny(shard_dir, saved, "zero2", "train.zero_stage=2", "model.arch=B")
     proc = subprocess.run(train_cmd(overrides, 1), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

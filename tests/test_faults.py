@@ -207,7 +207,6 @@ def corrupt_run(shard_dir, tmp_path_factory):
         "train.max_steps=20",
         "train.save_every_steps=100",
         "train.eval_every_steps=0",
-        "wandb.enabled=false",
     )
     proc = subprocess.run(train_cmd(overrides, 1), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=400)
     return proc, out / "corrupt", bad, tar, key

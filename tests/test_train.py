@@ -33,8 +33,8 @@ pytestmark = pytest.mark.slow
 
 def ref_run(shard_dir: Path, out_dir: Path, name: str, *extra: str) -> list[str]:
     """The reference recipe: micro-batch 1, so an epoch of the 6 train frames is 3 steps on 2 ranks and a
-    checkpoint at step 4 falls in the middle of an epoch."""
-    return tiny(shard_dir, out_dir, name, "train.micro_batch_size=1", *extra)
+    checkpoint at step 4 falls in the middle of an epoch. wandb on (offline): a resumed run goes on logging."""
+    return tiny(shard_dir, out_dir, name, "train.micro_batch_size=1", "wandb.enabled=true", *extra)
 
 
 @pytest.fixture(scope="module")
