@@ -12,7 +12,7 @@ this one process and one after the other, runs each recipe at a quarter of the f
 with:
 
   dali-cpu            build_loader(backend="dali") over the JPEG shards, DALI CPU decoder, num_threads=1
-  dali-cpu (no vote)  the same over shards packed without label votes (paper: the full label map decoded, voted)
+  dali-cpu (no vote)  the same over shards packed without label votes (the full label map decoded and voted)
   dali-cpu (png)      the same over the PNG shards (what the JPEG transcode buys)
   fallback            build_loader(backend="torch") over the JPEG shards, in-process (PIL + the same torch recipe)
   stream (files)      build_loader(backend="stream") over the JPEG shard folder: tars read as streams, in-process
@@ -187,8 +187,6 @@ def bench_recipe(name: str, root: Path, shards: dict[str, Path], url: str, hw, e
         ("stream (http)", lambda: run_loader(url, "stream", epochs, **recipe)),
         ("png-baseline", lambda: run_baseline(root, epochs, **recipe)),
     ]
-    if name != "paper":  # the votes are packed for whole frames only: the same loader twice
-        rows = [r for r in rows if r[0] != "dali-cpu (no vote)"]
     results = {}
     print(f"{'backend':<20}{'images':>8}{'img/s wall':>12}{'img/CPU-s':>12}{'ms CPU/img':>12}")
     for row, run in rows:
@@ -212,14 +210,12 @@ def bench_recipe(name: str, root: Path, shards: dict[str, Path], url: str, hw, e
           f"{ratio:.2f}x (target >= {TARGET_RATIO:.1f}x: {verdict})")  # fmt: skip
     print(f"per core ({name}): fallback / png-baseline = {results['fallback'] / results['png-baseline']:.2f}x; "
           f"dali-cpu jpg / png shards = {results['dali-cpu'] / results['dali-cpu (png)']:.2f}x")  # fmt: skip
-    if "dali-cpu (no vote)" in results:
-        print(f"per core ({name}): packed votes / voting every step = "
-              f"{results['dali-cpu'] / results['dali-cpu (no vote)']:.2f}x")  # fmt: skip
+    print(f"per core ({name}): packed votes / voting every step = "
+          f"{results['dali-cpu'] / results['dali-cpu (no vote)']:.2f}x")  # fmt: skip
     files, http_ = results["stream (files)"], results["stream (http)"]
     print(f"per core ({name}): stream (files) / fallback = {files / results['fallback']:.2f}x; "
           f"stream (http) / stream (files) = {http_ / files:.2f}x")  # fmt: skip
-    packed = f"label.x{plan.factor}.png" if name == "paper" else None
-    print_stages(shards["jpg"], "jpg", plan, packed, frames, epochs)
+    print_stages(shards["jpg"], "jpg", plan, f"label.x{plan.factor}.png", frames, epochs)
     return ratio
 
 

@@ -4,9 +4,11 @@ Used by bench_data.py. Each stage is timed as its own small DALI pipeline (one t
 shards and operators as frrn_dist/data/dali.py) and reported as CPU milliseconds per image over the reader's own
 cost; `finish_batch` is timed in torch on real decoded labels. The two columns:
 
-  before  the whole frame decoded then sliced (seed), the 2-megapixel label.png decoded and voted every step
-  now     seed: only the crop's region decoded (dali.decode_region); whole-frame recipes: the label vote packed
-          into the shards (label.x<f>.png, frrn_dist.shards) decoded instead, nothing left to vote
+  before  the whole frame decoded then sliced (seed: a corner anywhere), the 2-megapixel label.png decoded and
+          voted every step
+  now     the label vote packed into the shards (label.x<f>.png, frrn_dist.shards) decoded instead, nothing left
+          to vote; seed: only the crop's region decoded (dali.decode_region), the corner on the f grid so the
+          crop's label is its region of label.x2.png
 
 Imports: numpy, torch, nvidia.dali, frrn_dist.data.{dali, manifest, recipes}.
 """
@@ -46,22 +48,25 @@ def _cpu_ms(tars, idxs, exts, build, frames: int, epochs: int, outputs: bool = F
     return (ms, kept) if outputs else ms
 
 
-def _corner(recipe: Recipe):
+def _corner(recipe: Recipe, step: int = 1):
+    """A random crop corner in units of `step` pixels: any pixel (1) or a cell of the f grid (f, as dali.py)."""
     (H, W), (rh, rw) = recipe.source_hw, recipe.region_hw
-    y = fn.random.uniform(values=list(range(H - rh + 1)), dtype=types.INT32)
-    x = fn.random.uniform(values=list(range(W - rw + 1)), dtype=types.INT32)
+    y = fn.random.uniform(values=list(range((H - rh) // step + 1)), dtype=types.INT32)
+    x = fn.random.uniform(values=list(range((W - rw) // step + 1)), dtype=types.INT32)
     return fn.stack(y, x)
 
 
-def _decode_paths(recipe: Recipe, output_type):
-    """(before, now) decode graphs: the whole frame decoded then cut vs only the region decoded (seed recipe);
-    whole frames are decoded whole either way."""
-    rh, rw = recipe.region_hw
+def _decode_paths(recipe: Recipe, output_type, packed: bool = False):
+    """(before, now) decode graphs: the whole frame decoded then cut vs only the region decoded (seed recipe:
+    of the frame, or of the packed vote when `packed`); whole frames are decoded whole either way."""
+    (rh, rw), (h, w), f = recipe.region_hw, recipe.input_hw, recipe.factor
     whole = lambda e: fn.decoders.image(e, output_type=output_type)
     if recipe.region_hw == recipe.source_hw:
         return whole, whole
     cut = lambda e: fn.slice(whole(e), start=_corner(recipe), shape=[rh, rw], axes=[0, 1])
-    return cut, lambda e: decode_region(e, _corner(recipe), (rh, rw), output_type=output_type)
+    if packed:
+        return cut, lambda e: decode_region(e, _corner(recipe, f), (h, w), output_type=output_type)
+    return cut, lambda e: decode_region(e, _corner(recipe, f) * f, (rh, rw), output_type=output_type)
 
 
 def _image_stages(tars, idxs, image_ext: str, recipe: Recipe, frames: int, epochs: int) -> dict:
@@ -87,7 +92,7 @@ def _label_stages(tars, idxs, recipe: Recipe, packed: str | None, frames: int, e
     now_exts = [packed] if packed else ["label.png"]
     read_before = _cpu_ms(tars, idxs, ["label.png"], cast, frames, epochs)
     read_now = _cpu_ms(tars, idxs, now_exts, cast, frames, epochs) if packed else read_before
-    before, now = _decode_paths(recipe, types.ANY_DATA)
+    before, now = _decode_paths(recipe, types.ANY_DATA, packed=bool(packed))
     before_ms, labels = _cpu_ms(tars, idxs, ["label.png"], before, frames, epochs, outputs=True)
     now_ms, small = _cpu_ms(tars, idxs, now_exts, now, frames, epochs, outputs=True)
     finish_before = _finish_ms(recipe, [x[0][..., 0] for x in labels], recipe.factor, epochs)

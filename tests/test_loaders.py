@@ -557,13 +557,19 @@ def shard_dir_unvoted(synthetic_root, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "stream"])
-@pytest.mark.parametrize("recipe, input_hw", [("paper", (32, 64)), ("eval", (64, 128))])
-def test_packed_votes_give_the_batches_of_voting_on_the_fly(shard_dir, shard_dir_unvoted, backend, recipe, input_hw):
-    split = "train" if recipe == "paper" else "val"
+@pytest.mark.parametrize("recipe, input_hw, factor", [("paper", (32, 64), 4), ("seed", (32, 64), 2),
+                                                      ("eval", (64, 128), 2)])  # fmt: skip
+def test_packed_votes_give_the_batches_of_voting_on_the_fly(
+    shard_dir, shard_dir_unvoted, backend, recipe, input_hw, factor
+):
+    """Whole frames read label.x<f>.png, the seed recipe its crop of label.x2.png: the batches of voting the
+    full-resolution map on the fly, bit for bit (the seed's corners on the f grid make its crop's cells the
+    frame's)."""
+    split = "val" if recipe == "eval" else "train"
     kw = dict(backend=backend, recipe=recipe, input_hw=input_hw, micro_batch_size=3, translate_px=4, seed=4,
               num_threads=THREADS.get(backend, 0), full_res_targets=recipe == "eval")  # fmt: skip
     packed, unvoted = build_loader(shard_dir, split, **kw), build_loader(shard_dir_unvoted, split, **kw)
-    assert packed.spec.label_ext == f"label.x{128 // input_hw[0]}.png" and unvoted.spec.label_ext == "label.png"
+    assert packed.spec.label_ext == f"label.x{factor}.png" and unvoted.spec.label_ext == "label.png"
     for a, b in zip(collect(packed, 2), collect(unvoted, 2), strict=True):
         for x, y in zip(a, b, strict=True):
             assert x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)

@@ -90,14 +90,18 @@ def frrn_pipeline(
         )
     # Labels stay on the CPU decoder (PNG has no GPU decoder; ANY_DATA keeps the 8-bit ids exact, stack-notes §1.4).
     if (rh, rw) != (H, W):
-        # Seed recipe: one integer corner, uniform over all positions, cuts image and label alike. The decoders
-        # decode only that region (libjpeg-turbo / nvJPEG skip what lies outside it, PNG stops at its last row):
-        # half the CPU of decoding a 1024x2048 frame and slicing, and bit-identical to it (tests/test_loaders.py).
-        y = fn.random.uniform(values=list(range(H - rh + 1)), dtype=types.INT32)
-        x = fn.random.uniform(values=list(range(W - rw + 1)), dtype=types.INT32)
-        corner = fn.stack(y, x)  # (2,) int32 = absolute (row, column)
-        image = decode_region(encoded, corner, (rh, rw), device=decode_device, output_type=types.RGB, **hints)
-        label = decode_region(label_png, corner, (rh, rw), device="cpu", output_type=types.ANY_DATA)
+        # Seed recipe: one corner on the factor's grid (recipes.draw_crops), uniform over its positions, cuts image
+        # and label alike. The decoders decode only that region (libjpeg-turbo / nvJPEG skip what lies outside
+        # it, PNG stops at its last row): half the CPU of decoding a 1024x2048 frame and slicing, and bit-identical
+        # to it (tests/test_loaders.py). A packed vote is cut at corner / f: the crop's own vote.
+        f = recipe.factor
+        y = fn.random.uniform(values=list(range((H - rh) // f + 1)), dtype=types.INT32)
+        x = fn.random.uniform(values=list(range((W - rw) // f + 1)), dtype=types.INT32)
+        cell = fn.stack(y, x)  # (2,) int32 = (row, column) in f x f cells
+        image = decode_region(encoded, cell * f, (rh, rw), device=decode_device, output_type=types.RGB, **hints)
+        packed = label_ext != "label.png"
+        label = decode_region(label_png, cell if packed else cell * f, (h, w) if packed else (rh, rw),
+                              device="cpu", output_type=types.ANY_DATA)  # fmt: skip
     else:
         image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **hints)
         label = fn.decoders.image(label_png, device="cpu", output_type=types.ANY_DATA)

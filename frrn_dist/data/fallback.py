@@ -107,12 +107,14 @@ class _BatchDataset(Dataset):
         (h, w), (rh, rw) = self.recipe.input_hw, self.recipe.region_hw
         packed = self.label_ext != FULL_LABEL
         lh, lw = (h, w) if packed else (rh, rw)
+        f, (H, W) = self.recipe.factor, self.recipe.source_hw
         images, labels, full_labels, keys, instances, params = [], [], [], [], [], []
         for index, row, (y, x) in spec:
             sample = self.samples[index]
             image = self._decode(sample, self.image_ext, "RGB")[y : y + rh, x : x + rw]
-            if packed:  # whole frames only: no crop
-                labels.append(self._decode(sample, self.label_ext, "L", (h, w)))
+            if packed:  # the vote of the whole frame at 1/f; the seed crop's corner lies on the f grid
+                vote = self._decode(sample, self.label_ext, "L", (H // f, W // f))
+                labels.append(vote[y // f : y // f + h, x // f : x // f + w])
             else:
                 labels.append(self._decode(sample, FULL_LABEL, "L")[y : y + rh, x : x + rw])
             if self.full_res:
@@ -122,7 +124,6 @@ class _BatchDataset(Dataset):
             params.append(row)
             if self.instances:
                 instances.append(self._decode(sample, "instance.png", "I;16").astype(np.int32))
-        H, W = self.recipe.source_hw
         random = self.recipe.random and len(spec) > 0
         x, y = finish_batch(
             _stack(images, (h, w, 3), torch.uint8), _stack(labels, (lh, lw), torch.uint8),

@@ -153,9 +153,14 @@ def draw_params(rng: np.random.Generator, num_samples: int, recipe: Recipe) -> n
 
 
 def draw_crops(rng: np.random.Generator, num_samples: int, recipe: Recipe) -> np.ndarray:
-    """Top-left corners (num_samples, 2) of the seed recipe's crop, uniform over every position; zeros otherwise."""
-    (H, W), (ch, cw) = recipe.source_hw, recipe.region_hw
-    return np.stack([rng.integers(0, H - ch + 1, num_samples), rng.integers(0, W - cw + 1, num_samples)], 1)
+    """Top-left corners (num_samples, 2) of the seed recipe's crop, uniform over the positions on the factor's
+    grid (even rows and columns at f=2); zeros otherwise. On that grid the crop's f x f label cells are the frame's
+    own, so the vote `make shards` packed (label.x2.png) cut at corner / f is the crop's vote: the loaders decode a
+    quarter of the pixels and vote nothing. The TF port drew any pixel; a corner one pixel off is the same crop
+    for training purposes."""
+    (H, W), (ch, cw), f = recipe.source_hw, recipe.region_hw, recipe.factor
+    cells = np.stack([rng.integers(0, (H - ch) // f + 1, num_samples), rng.integers(0, (W - cw) // f + 1, num_samples)])
+    return f * cells.T
 
 
 def majority_vote(labels: torch.Tensor, factor: int) -> torch.Tensor:

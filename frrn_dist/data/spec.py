@@ -25,10 +25,11 @@ FULL_LABEL = "label.png"
 
 def label_member(recipe: Recipe, components: list[str]) -> str:
     """The label member the loader decodes: the packed vote at the recipe's factor (`label.x4.png`, see
-    frrn_dist.shards) for a whole-frame recipe when the shards hold it, else the full map, which finish_batch
-    votes down on the fly. Both give the same labels; the packed one skips a 2-megapixel decode and the vote."""
+    frrn_dist.shards; the seed recipe cuts its crop out of `label.x2.png`) when the shards hold it, else the full
+    map, which finish_batch votes down on the fly. Both give the same labels; the packed one decodes 1/f^2 of the
+    pixels and votes nothing."""
     packed = f"label.x{recipe.factor}.png"
-    if recipe.region_hw == recipe.source_hw and recipe.factor > 1 and packed in components:
+    if recipe.factor > 1 and packed in components:
         return packed
     return FULL_LABEL
 
