@@ -51,7 +51,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def one_node(shard_dir, tmp_path_factory) -> Path:
     """The reference: one node, two ranks, DeepSpeed's local launcher."""
     out = tmp_path_factory.mktemp("one_node")
-    run_train(overrides(shard_dir, out, "one_node"), ranks=2)
+    run_train(overrides(shard_dir, out, "one_node"), ranks=2, cli=True)  # `deepspeed launch/train.py`, as users do
     return out / "one_node"
 
 

@@ -34,7 +34,7 @@ from frrn_dist.model import FRRN
 from frrn_dist.tracking import read_metrics
 
 from .elastic_worker import batch, criterion
-from .procs import BIN, ROOT, _env, _port, run_train, tiny, train_cmd
+from .procs import ROOT, _env, run_train, tiny, train_cmd
 
 WORKER = ROOT / "tests/elastic_worker.py"
 TAG = "step00000002"  # the worker trains 2 steps before saving
@@ -42,10 +42,7 @@ RESUME_HYPER = ("optim.eps=1e-6", "optim.grad_clip=1.0")  # changed on resume: t
 
 
 def worker(mode: str, shard_dir: Path, out: Path, ranks: int, *extra: str) -> str:
-    argv = [str(WORKER), mode, str(shard_dir), str(out), *extra]
-    cmd = [sys.executable, *argv] if ranks == 1 else [
-        str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(_port()), *argv
-    ]  # fmt: skip
+    cmd = train_cmd([mode, str(shard_dir), str(out), *extra], ranks, script=WORKER)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
