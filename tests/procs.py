@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -21,9 +22,20 @@ BIN = Path(sys.executable).parent
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a run's rank-0 store, below the kernel's ephemeral range. A port the kernel hands out (bind
+    to 0) lies in that range, where gloo's and every client socket's ports come from: one of them took it before
+    the store listened (EADDRINUSE, seen once in a fresh-clone suite)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768
+    for _ in range(200):
+        port = random.randint(max(1024, first - 12000), first - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {first}")
 
 
 def _env() -> dict[str, str]:
