@@ -30,6 +30,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,10 +292,13 @@ def _remove_stale_tmp(out: Path) -> None:
             pass  # someone else's live process
 
 
-def _pool(workers: int):
+def _pool(workers: int) -> ProcessPoolExecutor:
     # fork: no re-import of the caller's __main__ (spawn/forkserver would re-run an unguarded script), and the
-    # workers only touch numpy and PIL, which glibc's fork handlers keep safe even if the caller has threads
-    return mp.get_context("fork").Pool(workers)
+    # workers only touch numpy and PIL, which glibc's fork handlers keep safe even if the caller has threads.
+    # An executor, not mp.Pool: after a bad frame, Pool.terminate() can hang for good (it kills a worker holding
+    # the result queue's lock, then waits on that lock: seen in the suite); shutdown(cancel_futures=True) drops
+    # the queued frames and waits for the few being encoded.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
 
 
 def pack(
@@ -369,13 +373,12 @@ def pack(
         if writer is not None:
             writer.abort()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown()
     return manifest
 
 
@@ -413,7 +416,7 @@ def _pack_split(
     order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(frames))
     jobs = [(frames[i], root, split, image_format, jpeg_quality, label_factors) for i in order]
     pixels = np.zeros(256, np.int64)
-    results = pool.imap(encode_frame, jobs, chunksize=1) if pool else map(encode_frame, jobs)
+    results = pool.map(encode_frame, jobs) if pool else map(encode_frame, jobs)
     for key, members, counts in tqdm(results, total=len(jobs), desc=f"pack {split}", unit="frame"):
         writer.write(key, members)
         pixels += counts

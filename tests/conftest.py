@@ -3,9 +3,11 @@ order files run in."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from frrn_dist.shards import pack
 from frrn_dist.synthetic import make_dataset
@@ -16,6 +18,13 @@ from frrn_dist.synthetic import make_dataset
 # for ~4 minutes (a fresh-clone suite of 802 s against ~520-550 s).
 LONG_FILES = ("test_compile", "test_loop", "test_train", "test_faults", "test_elastic", "test_cluster", "test_stream",
               "test_gpu_check")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One intra-op thread per core a worker owns: `make test` runs one xdist worker per core, and two workers each
+    # running 2 OpenMP threads on 2 cores spin at every op's barrier while the other worker holds the core.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

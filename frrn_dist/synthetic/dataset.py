@@ -15,6 +15,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,10 @@ def make_dataset(
             _write_frame(job)
             bar.update()
     else:
-        # fork, not spawn: an unguarded calling script is not re-run in every worker
-        with mp.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_write_frame, jobs):
+        # fork, not spawn: an unguarded calling script is not re-run in every worker. An executor, not mp.Pool,
+        # whose exit after an error (terminate) can hang for good on a lock a killed worker held.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for _ in pool.map(_write_frame, jobs):
                 bar.update()
     bar.close()
     _write_marker(marker, params, complete=True)
